@@ -1,0 +1,89 @@
+"""SQuAD 2.0 questions, from the official JSON files or from the Hugging Face Hub.
+
+Official format: {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers":
+[{"text", "answer_start"}], "is_impossible"}]}]}]}. SQuAD 2.0 adds unanswerable questions: no answers.
+"""
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from gpt2.errors import UserError
+
+HUB_DATASET = "rajpurkar/squad_v2"
+HUB_SPLITS = {"train": "train", "eval": "validation"}
+FILE_NAMES = {"train": "train-v2.0.json", "eval": "dev-v2.0.json"}
+OFFLINE_HELP = ("Offline, download train-v2.0.json and dev-v2.0.json from https://rajpurkar.github.io/SQuAD-explorer/ "
+                "and pass --data-dir DIR (holding both) or --train-file / --eval-file FILE")
+
+
+@dataclass
+class SquadExample:
+    id: str
+    context: str
+    question: str
+    answers: list[str]  # gold answer texts; [] for an unanswerable question
+
+
+def load_split(split: str, data_dir: Optional[str] = None, file: Optional[str] = None) -> list[SquadExample]:
+    """The 'train' or 'eval' questions, in file order: from `file`, else from `data_dir`, else from the Hub."""
+    if file is not None:
+        return load_squad_file(file)
+    if data_dir is not None:
+        return load_squad_file(Path(data_dir) / FILE_NAMES[split])
+    return load_squad_hub(split)
+
+
+def load_squad_file(path: str | os.PathLike) -> list[SquadExample]:
+    """Every question of an official-format file, in order (article, paragraph, question)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no SQuAD file at {path}. {OFFLINE_HELP}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            articles = json.load(f)["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a SQuAD 2.0 JSON file ({type(e).__name__}: {e})") from None
+    examples, where = [], "data"
+    try:
+        for a, article in enumerate(articles):
+            where = f"data[{a}]"
+            for p, paragraph in enumerate(article["paragraphs"]):
+                where = f"data[{a}].paragraphs[{p}]"
+                for qa in paragraph["qas"]:
+                    examples.append(SquadExample(qa["id"], paragraph["context"], qa["question"],
+                                                 [answer["text"] for answer in qa["answers"]]))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: {where} is not in SQuAD format ({type(e).__name__}: {e}); expected articles with "
+                        f"'paragraphs', each with a 'context' and 'qas' of 'id', 'question', 'answers'") from None
+    if not examples:
+        raise UserError(f"{path} holds no questions")
+    return examples
+
+
+def load_squad_hub(split: str) -> list[SquadExample]:
+    """The split from the Hub via `datasets` (cached after the first download)."""
+    if not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once, or use a cached copy, rather than retry for a minute
+    try:
+        import datasets  # only here: local-file runs need no `datasets`
+    except ImportError:
+        raise UserError(f"loading SQuAD from the Hub needs the datasets package (pip install datasets). "
+                        f"{OFFLINE_HELP}") from None
+    try:
+        rows = datasets.load_dataset(HUB_DATASET, split=HUB_SPLITS[split])
+    except Exception as e:  # datasets raises many kinds: connection, cache, offline mode
+        raise UserError(f"could not load {HUB_DATASET} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                        f"{OFFLINE_HELP}") from None
+    return [SquadExample(r["id"], r["context"], r["question"], list(r["answers"]["text"])) for r in rows]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
+        return True  # only the proxy knows
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

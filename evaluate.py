@@ -1,0 +1,207 @@
+"""Answer SQuAD 2.0 questions with a fine-tuned GPT-2 and score the answers.
+
+    python evaluate.py --checkpoint runs/gpt2-lora                       # the full dev set
+    python evaluate.py --checkpoint runs/gpt2-lora --subset seed         # the seed notebook's 100 questions
+    python evaluate.py --checkpoint runs/gpt2-lora --context "..." --question "..."
+    python evaluate.py --predictions preds.json --eval-file dev-v2.0.json   # score a predictions file
+
+Metrics: the official SQuAD 2.0 exact match and F1 (overall, answerable, unanswerable); BLEU-1 computed like
+the seed's metric with the right references (`bleu1`); and the seed's own protocol with its reference bug
+(`bleu1_seed`), for comparison with the 13.89% it reported.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.metrics import bleu1, correct_references, seed_references, seed_subset_indices, squad_v2_scores
+from data.prompts import ANSWER_MARKER, NO_ANSWER, prompt_tokens
+from data.squad import SquadExample, load_split
+from gpt2 import GPT, UserError, generate, get_tokenizer, load_model
+from gpt2.files import atomic_write
+from lora import apply_adapter, load_adapter, merge_lora
+
+SEED_REPORTED_BLEU1 = 0.1389
+DEV_SET_SIZE = 11873
+WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too small.", "What is too small?")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a train.py --out directory, or its checkpoint.pt")
+    p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
+                   "--checkpoint, answer with this model unadapted")
+    p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
+    p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
+    p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
+    p.add_argument("--subset", choices=("seed",), help="seed: only the seed notebook's 100 test questions")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=128, help="questions answered together")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (the seed's: 128)")
+    p.add_argument("--out", help="metrics JSON (default: metrics.json in the run directory); the predictions go "
+                   "beside it as <name>.predictions.json")
+    p.add_argument("--examples", type=int, default=3, help="answered examples to show")
+    p.add_argument("--context", help="answer one question about this text (with --question)")
+    p.add_argument("--question")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    args = p.parse_args(argv)
+    if (args.context is None) != (args.question is None):
+        p.error("--context and --question go together")
+    if args.predictions is None and args.checkpoint is None and args.model is None:
+        p.error("give --checkpoint (or --model) to answer questions, or --predictions to score a file")
+    return args
+
+
+def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device) -> GPT:
+    """The base model with the adapter merged in (an adapted model then costs what the base costs), in bf16/fp16
+    on GPU. Merging happens in fp32 before the cast, so the merged weights are rounded once."""
+    if checkpoint is None:
+        model = load_model(model_name)
+    else:
+        base = checkpoint["base"]
+        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
+        apply_adapter(model, checkpoint)
+        merge_lora(model)
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return model.to(device, dtype).eval()
+
+
+def clean_answer(generated: str) -> str:
+    """The seed's rule: the answer is the generated text up to a repeated "ANSWER:" marker."""
+    return generated.split(ANSWER_MARKER)[0].strip()
+
+
+def official_answer(text: str) -> str:
+    """SQuAD's predictions format: "" means no answer (the model says "Cannot Find Answer")."""
+    return "" if text.strip() == NO_ANSWER else text
+
+
+def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_tokens: int,
+           progress: bool = True) -> list[str]:
+    """Greedy answers to every question, in order. Questions are answered longest first in batches of similar
+    length (little padding), then put back in order."""
+    enc = get_tokenizer()
+    prompts = prompt_tokens(examples, model.config.block_size - max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    stop = [enc.encode_ordinary(ANSWER_MARKER)]
+    answers = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc="answering", unit="q", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens, stop_sequences=stop)
+            for i, tokens in zip(chunk, outputs):
+                answers[i] = clean_answer(enc.decode(tokens))
+            bar.update(len(chunk))
+    return answers
+
+
+def score(examples: list[SquadExample], predictions: dict[str, str], full_dev_set: bool) -> dict:
+    """Every metric of the evaluation. In `predictions`, "" and "Cannot Find Answer" both mean no answer: for
+    EM/F1 that is "", for BLEU the text "Cannot Find Answer" (what the references say)."""
+    golds = {ex.id: ex.answers for ex in examples}
+    official = {qid: official_answer(text) for qid, text in predictions.items()}
+    try:
+        metrics: dict = squad_v2_scores(golds, official)
+    except ValueError as e:
+        raise UserError(f"the predictions do not match the questions: {e}") from None
+    as_text = [official[ex.id] or NO_ANSWER for ex in examples]
+    metrics["bleu1"] = bleu1(as_text, [correct_references(ex.answers) for ex in examples])
+    if full_dev_set:
+        subset = seed_subset_indices(len(examples))
+        metrics["bleu1_seed"] = bleu1([as_text[i] for i in subset], [seed_references(examples[i].answers)
+                                                                     for i in subset])
+    return metrics
+
+
+def print_metrics(metrics: dict) -> None:
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in metrics.items() if not isinstance(v, dict)]
+    rows.append(("bleu1 (correct references)", f"{100 * metrics['bleu1']['bleu']:.2f}"))
+    if "bleu1_seed" in metrics:
+        rows.append(("bleu1_seed (the seed's protocol)", f"{100 * metrics['bleu1_seed']['bleu']:.2f}   the seed "
+                     f"reported {100 * SEED_REPORTED_BLEU1:.2f}; its references reward mostly 'Cannot Find Answer'"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def show_examples(examples: list[SquadExample], answers: list[str], n: int) -> None:
+    for ex, text in list(zip(examples, answers))[:n]:
+        context = ex.context if len(ex.context) < 200 else ex.context[:200] + "..."
+        text = text if len(text) < 200 else text[:200] + "..."
+        print(f"\nCONTEXT: {context}\nQUESTION: {ex.question}\nGOLD: {ex.answers or [NO_ANSWER]}\nANSWER: {text}")
+
+
+def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list[SquadExample], bool]:
+    """The questions to evaluate, and whether they are the whole dev set (the seed's subset is then defined)."""
+    if args.subset == "seed":
+        if len(examples) != DEV_SET_SIZE:
+            raise UserError(f"--subset seed indexes the SQuAD 2.0 dev set ({DEV_SET_SIZE} questions); this eval set "
+                            f"has {len(examples)}")
+        examples = [examples[i] for i in seed_subset_indices(DEV_SET_SIZE)]
+    if args.limit is not None:
+        examples = examples[:args.limit]
+    return examples, len(examples) == DEV_SET_SIZE
+
+
+def metrics_path(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.checkpoint:
+        run = Path(args.checkpoint)
+        return (run if run.is_dir() else run.parent) / "metrics.json"
+    return Path("metrics.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = None
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
+
+    if args.context is not None:
+        model = load_answerer(checkpoint, args.model, device)
+        print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
+                     progress=False)[0])
+        return
+
+    examples, full_dev_set = select(load_split("eval", args.data_dir, args.eval_file), args)
+    if args.predictions:
+        try:
+            predictions = json.loads(Path(args.predictions).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read predictions from {args.predictions}: {e}") from None
+        if not isinstance(predictions, dict):
+            raise UserError(f"{args.predictions} must map question ids to answer strings")
+    else:
+        model = load_answerer(checkpoint, args.model, device)
+        start = time.perf_counter()
+        answers = answer(model, examples, args.batch_size, args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second)")
+        predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
+        show_examples(examples, answers, args.examples)
+        print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "
+              f"{answer(model, [SquadExample('winograd', *WINOGRAD, [])], 1, args.max_new_tokens, False)[0]!r} "
+              f"(the seed answered 'the brown suitcase.')\n")
+
+    metrics = score(examples, predictions, full_dev_set)
+    print_metrics(metrics)
+    out = metrics_path(args)
+    with atomic_write(out, "w") as f:
+        json.dump(metrics, f, indent=2)
+    if not args.predictions:
+        with atomic_write(out.with_suffix(".predictions.json"), "w") as f:
+            json.dump(predictions, f, indent=2)
+    print(f"\nwrote {out}" + ("" if args.predictions else f" and {out.with_suffix('.predictions.json')}"),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

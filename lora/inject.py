@@ -1,0 +1,91 @@
+"""Putting LoRA into a model: which projections get adapters, and model-wide helpers around them.
+
+Targets use the checkpoint's module names. In every GPT-2 block:
+
+    attn.c_attn  (C -> 3C)  fused query | key | value
+    attn.c_proj  (C -> C)   attention output
+    mlp.c_fc     (C -> 4C)  MLP up-projection
+    mlp.c_proj   (4C -> C)  MLP down-projection
+
+A bare name matches every module ending in it: `c_proj` adapts both the attention and the MLP output
+projections, as the seed's PEFT config did. The seed adapts c_attn, c_proj and c_fc at r=4: 4 modules x 12
+blocks = 48 adapters, 589,824 trainable parameters.
+"""
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from gpt2.errors import UserError
+
+from .layer import LoRALinear
+
+VALID_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+    qkv: str = ""  # e.g. "qv": separate adapters for these parts of c_attn only; "" adapts c_attn as one matrix
+    rank_stabilized: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace each targeted nn.Linear by a LoRALinear around the same weights, in place; freeze everything
+    else. Returns the model."""
+    unknown = [t for t in config.targets if t not in VALID_TARGETS]
+    if unknown or not config.targets:
+        raise UserError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")
+    parts = None
+    if config.qkv:
+        if set(config.qkv) - set("qkv") or len(set(config.qkv)) != len(config.qkv):
+            raise UserError(f"--qkv {config.qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+        if not any(t.endswith("c_attn") for t in config.targets):
+            raise UserError("--qkv selects parts of c_attn: add c_attn to the targets")
+        parts = tuple(p in config.qkv for p in "qkv")
+    wanted = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and any(_matches(name, t) for t in config.targets)]
+    if not wanted:
+        raise UserError(f"no module of this model matches the LoRA targets {config.targets}")
+    for name, linear in wanted:
+        parent_name, _, child = name.rpartition(".")
+        lora = LoRALinear.from_linear(linear, config.rank, config.alpha, config.dropout, config.rank_stabilized,
+                                      parts if child == "c_attn" else None)
+        setattr(model.get_submodule(parent_name), child, lora)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """`transformer.h.3.mlp.c_proj` matches `c_proj` and `mlp.c_proj`, not `attn.c_proj`."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """requires_grad only for the lora_A / lora_B matrices: the optimizer sees nothing else."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its weight: the model then runs at exactly the base model's cost."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def parameter_report(model: nn.Module) -> str:
+    """'trainable params: 589,824 || all params: 125,029,632 || trainable%: 0.4717' (PEFT's wording)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())  # a tied parameter counts once
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

@@ -1,0 +1,75 @@
+"""Shared fixtures: offline tokenizer, the real dev set, and random GPT-2 checkpoints written like the Hub's."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEV_FILE = SHARED / "squad_v2" / "dev-v2.0.json"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+sys.path.insert(0, str(ROOT))
+
+TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64)  # = the gpt2-tiny preset
+GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768)
+
+
+def random_hf_gpt2(n_layer: int, n_head: int, n_embd: int, seed: int = 0):
+    """A transformers GPT2LMHeadModel with random weights, spread wide enough that greedy choices are clear."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, initializer_range=0.1)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # transformers zeroes biases and sets LayerNorm to identity: randomise them too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hub_layout(model, directory: Path) -> Path:
+    """Write `model` as the Hub's gpt2 `model.safetensors`: no `transformer.` prefix, no lm_head, with the
+    `attn.bias` causal-mask buffers, written by the reference safetensors library (not by our reader's code)."""
+    from safetensors.torch import save_file
+    tensors = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}
+    block = model.config.n_positions
+    for i in range(model.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(block, block)).view(1, 1, block, block)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    model.config.to_json_file(directory / "config.json")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    return random_hf_gpt2(**TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_dir(tiny_hf, tmp_path_factory):
+    return save_hub_layout(tiny_hf, tmp_path_factory.mktemp("hub_tiny"))
+
+
+@pytest.fixture(scope="session")
+def short_dev_file(tmp_path_factory) -> Path:
+    """The 16 dev questions with the shortest context + question (about 40-50 tokens), in the official format:
+    cheap to train on in a CPU test."""
+    import json
+    from gpt2 import get_tokenizer
+    enc = get_tokenizer()
+    found = []
+    for article in json.loads(DEV_FILE.read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                size = len(enc.encode_ordinary(paragraph["context"])) + len(enc.encode_ordinary(qa["question"]))
+                found.append((size, article["title"], paragraph["context"], qa))
+    found.sort(key=lambda item: item[0])
+    data = {"version": "v2.0", "data": [{"title": title, "paragraphs": [{"context": context, "qas": [qa]}]}
+                                        for _, title, context, qa in found[:16]]}
+    path = tmp_path_factory.mktemp("squad") / "short16.json"
+    path.write_text(json.dumps(data))
+    return path

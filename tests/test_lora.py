@@ -1,0 +1,200 @@
+"""LoRA: exact at init, only A and B train, merging is free and exact, PEFT gives the same numbers."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
+from gpt2 import GPT, UserError, preset
+from lora import (LoRAConfig, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers, lora_state_dict,
+                  merge_lora, parameter_report, save_adapter, unmerge_lora)
+
+SEED_CONFIG = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
+IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(preset("gpt2-tiny")).eval()
+
+
+def randomize_adapters(model, seed: int = 1) -> None:
+    """B starts at zero (ΔW = 0); give it values so that merging and parity tests compare something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_adapted_model_equals_base_model_at_init():
+    base = tiny_model()
+    adapted = apply_lora(copy.deepcopy(base), SEED_CONFIG)
+    with torch.no_grad():
+        assert torch.equal(adapted(IDX), base(IDX))
+    assert len(lora_layers(adapted)) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+
+
+def test_training_changes_only_A_and_B_and_no_gradient_reaches_the_base():
+    model = apply_lora(tiny_model(), SEED_CONFIG).train()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for step in range(2):
+        F.cross_entropy(model(IDX).flatten(0, 1), IDX.flatten()).backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+        opt.step()
+        opt.zero_grad()
+        if step == 0:  # B = 0 gives A a zero gradient: B moves first...
+            assert all(torch.equal(v, adapters[k]) for k, v in lora_state_dict(model).items() if "lora_A" in k)
+    # ...and A follows once B is non-zero.
+    assert all(not torch.equal(v, adapters[k]) for k, v in lora_state_dict(model).items())
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if "lora_" not in k)
+
+
+def test_merge_is_exact_idempotent_and_reversible():
+    model = apply_lora(tiny_model(), SEED_CONFIG)
+    randomize_adapters(model)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        unmerged = model(IDX)
+        merge_lora(model)
+        merged_once = {k: v.clone() for k, v in model.state_dict().items()}
+        merge_lora(model)
+        assert all(torch.equal(v, merged_once[k]) for k, v in model.state_dict().items())
+        assert rel_err(model(IDX), unmerged) < 1e-6
+        unmerge_lora(model)
+        unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, pretrained[k], rtol=0, atol=1e-6)
+
+
+def test_merge_in_bf16_stays_within_bf16_rounding_of_the_fp32_result():
+    layer = LoRALinear(256, 512, rank=8, alpha=16)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    pretrained = layer.weight.detach().clone()
+    exact = pretrained + layer.delta_weight()
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    layer.merge()
+    assert layer.weight.dtype == torch.bfloat16
+    # Two roundings to bf16 (storing W, then storing W + ΔW), each within half a unit in the last place: bf16 keeps
+    # 8 significant bits, so 2^-8 relative to the value rounded. Nothing else may add error.
+    err = (layer.weight.float() - exact).abs()
+    assert (err <= 2 ** -8 * (pretrained.abs() + exact.abs())).all()
+
+
+def test_seed_config_on_gpt2_124M_trains_589824_parameters():
+    with torch.device("meta"):
+        model = apply_lora(GPT(preset("gpt2")), SEED_CONFIG)
+    assert parameter_report(model) == \
+        "trainable params: 589,824 || all params: 125,029,632 || trainable%: 0.4717"
+
+
+def test_same_logits_and_gradients_as_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    hf = random_hf_gpt2(**TINY_SHAPE)
+    ours = apply_lora(GPT.from_pretrained(str(save_hub_layout(hf, tmp_path))), SEED_CONFIG).train()
+    randomize_adapters(ours)
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
+                                         target_modules=["c_attn", "c_proj", "c_fc"])).train()
+    hf.config.attn_pdrop = hf.config.resid_pdrop = hf.config.embd_pdrop = 0.0
+    for module in peft.modules():  # transformers' own dropout off, like ours (config dropout 0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    theirs = {k.removeprefix("base_model.model.").replace(".default.weight", ""): p
+              for k, p in peft.named_parameters() if "lora_" in k}
+    ours_params = {k: p for k, p in ours.named_parameters() if "lora_" in k}
+    assert theirs.keys() == ours_params.keys() and len(ours_params) == 2 * 8
+    with torch.no_grad():
+        for k, p in ours_params.items():
+            theirs[k].copy_(p)
+    targets = torch.roll(IDX, -1, dims=1)
+    logits_ours, logits_theirs = ours(IDX), peft(input_ids=IDX).logits
+    assert rel_err(logits_ours, logits_theirs) < 1e-5
+    F.cross_entropy(logits_ours.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(logits_theirs.flatten(0, 1), targets.flatten()).backward()
+    for k, p in ours_params.items():
+        assert rel_err(p.grad, theirs[k].grad) < 1e-4, k
+
+
+def test_selective_qv_adaptation_equals_explicit_reference():
+    layer = LoRALinear(16, 3 * 16, rank=2, alpha=6, parts=(True, False, True))
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    torch.nn.init.normal_(layer.lora_B)
+    assert layer.lora_A.shape == (2 * 2, 16) and layer.lora_B.shape == (2 * 16, 2)
+    x = torch.randn(3, 5, 16)
+    A_q, A_v = layer.lora_A[:2], layer.lora_A[2:]
+    B_q, B_v = layer.lora_B[:16], layer.lora_B[16:]
+    base = x @ layer.weight.T + layer.bias
+    s = 6 / 2
+    expected = base + torch.cat([s * (x @ A_q.T) @ B_q.T, torch.zeros(3, 5, 16), s * (x @ A_v.T) @ B_v.T], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_option_adapts_only_the_chosen_parts_of_c_attn():
+    model = apply_lora(tiny_model(), LoRAConfig(rank=2, alpha=4, targets=("c_attn",), qkv="qv"))
+    randomize_adapters(model)
+    c_attn = model.transformer.h[0].attn.c_attn
+    delta = c_attn.delta_weight()  # (3C, C)
+    C = model.config.n_embd
+    assert delta[:C].abs().sum() > 0 and delta[2 * C:].abs().sum() > 0
+    assert torch.equal(delta[C:2 * C], torch.zeros(C, C))  # keys untouched
+    assert not isinstance(model.transformer.h[0].mlp.c_fc, LoRALinear)
+
+
+@pytest.mark.parametrize("config, message", [
+    (LoRAConfig(targets=("c_attn", "q_proj")), r"unknown LoRA target.*q_proj.*choose from c_attn, c_proj, c_fc"),
+    (LoRAConfig(targets=("c_fc",), qkv="qv"), "add c_attn"),
+    (LoRAConfig(qkv="qx"), "letters q, k, v"),
+])
+def test_bad_lora_configs_are_clear_errors(config, message):
+    with pytest.raises(UserError, match=message):
+        apply_lora(tiny_model(), config)
+
+
+def test_adapter_round_trip_reproduces_logits(tmp_path):
+    model = apply_lora(tiny_model(), SEED_CONFIG)
+    randomize_adapters(model)
+    base = {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)}
+    save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, base)
+    restored = tiny_model()
+    assert apply_adapter(restored, load_adapter(tmp_path / "adapter.pt")) == SEED_CONFIG
+    with torch.no_grad():
+        assert torch.equal(restored(IDX), model(IDX))
+
+
+def test_seed_adapter_file_is_a_few_megabytes(tmp_path):
+    with torch.device("meta"):
+        model = GPT(preset("gpt2"))
+    model.to_empty(device="cpu")
+    apply_lora(model, SEED_CONFIG)
+    save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, {"model": "gpt2", "config": vars(model.config)})
+    size = (tmp_path / "adapter.pt").stat().st_size
+    assert 589_824 * 4 < size < 3_000_000
+
+
+def test_adapter_refuses_another_base_or_another_rank(tmp_path):
+    model = apply_lora(tiny_model(), SEED_CONFIG)
+    save_adapter(tmp_path / "a.pt", model, SEED_CONFIG, {"model": "gpt2-tiny", "config": vars(model.config)})
+    checkpoint = load_adapter(tmp_path / "a.pt")
+    bigger = GPT(preset("gpt2-tiny").__class__(n_layer=3, n_head=4, n_embd=64))
+    with pytest.raises(UserError, match="trained on gpt2-tiny"):
+        apply_adapter(bigger, checkpoint)
+    checkpoint["lora_config"]["rank"] = 8
+    with pytest.raises(UserError, match="does not fit"):
+        apply_adapter(tiny_model(), checkpoint)
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_adapter(tmp_path / "missing.pt")
+    (tmp_path / "broken.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_adapter(tmp_path / "broken.pt")
