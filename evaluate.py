@@ -101,7 +101,7 @@ def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_to
     return answers
 
 
-def score(examples: list[SquadExample], predictions: dict[str, str], full_dev_set: bool) -> dict:
+def score(examples: list[SquadExample], predictions: dict[str, str], seed_positions: list[int] | None) -> dict:
     """Every metric of the evaluation. In `predictions`, "" and "Cannot Find Answer" both mean no answer: for
     EM/F1 that is "", for BLEU the text "Cannot Find Answer" (what the references say)."""
     golds = {ex.id: ex.answers for ex in examples}
@@ -112,10 +112,9 @@ def score(examples: list[SquadExample], predictions: dict[str, str], full_dev_se
         raise UserError(f"the predictions do not match the questions: {e}") from None
     as_text = [official[ex.id] or NO_ANSWER for ex in examples]
     metrics["bleu1"] = bleu1(as_text, [correct_references(ex.answers) for ex in examples])
-    if full_dev_set:
-        subset = seed_subset_indices(len(examples))
-        metrics["bleu1_seed"] = bleu1([as_text[i] for i in subset], [seed_references(examples[i].answers)
-                                                                     for i in subset])
+    if seed_positions is not None:
+        metrics["bleu1_seed"] = bleu1([as_text[i] for i in seed_positions],
+                                      [seed_references(examples[i].answers) for i in seed_positions])
     return metrics
 
 
@@ -136,16 +135,19 @@ def show_examples(examples: list[SquadExample], answers: list[str], n: int) -> N
         print(f"\nCONTEXT: {context}\nQUESTION: {ex.question}\nGOLD: {ex.answers or [NO_ANSWER]}\nANSWER: {text}")
 
 
-def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list[SquadExample], bool]:
-    """The questions to evaluate, and whether they are the whole dev set (the seed's subset is then defined)."""
+def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list[SquadExample], list[int] | None]:
+    """The questions to evaluate, and where the seed's 100 test questions are among them (if they all are)."""
+    seed_indices = seed_subset_indices(DEV_SET_SIZE)
     if args.subset == "seed":
         if len(examples) != DEV_SET_SIZE:
             raise UserError(f"--subset seed indexes the SQuAD 2.0 dev set ({DEV_SET_SIZE} questions); this eval set "
                             f"has {len(examples)}")
-        examples = [examples[i] for i in seed_subset_indices(DEV_SET_SIZE)]
-    if args.limit is not None:
-        examples = examples[:args.limit]
-    return examples, len(examples) == DEV_SET_SIZE
+        examples, seed_indices = [examples[i] for i in seed_indices], list(range(len(seed_indices)))
+    elif len(examples) != DEV_SET_SIZE:
+        seed_indices = None
+    if args.limit is not None and args.limit < len(examples):
+        examples, seed_indices = examples[:args.limit], None
+    return examples, seed_indices
 
 
 def metrics_path(args: argparse.Namespace) -> Path:
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                      progress=False)[0])
         return
 
-    examples, full_dev_set = select(load_split("eval", args.data_dir, args.eval_file), args)
+    examples, seed_positions = select(load_split("eval", args.data_dir, args.eval_file), args)
     if args.predictions:
         try:
             predictions = json.loads(Path(args.predictions).read_text())
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{answer(model, [SquadExample('winograd', *WINOGRAD, [])], 1, args.max_new_tokens, False)[0]!r} "
               f"(the seed answered 'the brown suitcase.')\n")
 
-    metrics = score(examples, predictions, full_dev_set)
+    metrics = score(examples, predictions, seed_positions)
     print_metrics(metrics)
     out = metrics_path(args)
     with atomic_write(out, "w") as f:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .loss import head_cross_entropy
 
 
 @dataclass
@@ -167,7 +168,7 @@ class GPT(nn.Module):
         - `model(idx)`: logits (B, T, V) for every position.
         - `model(idx, targets, target_positions)`: the SUM of the cross-entropies of predicting `targets` (N,)
           at `target_positions` (N,), flat indices into the B*T positions. The output head (the largest matmul)
-          runs only there: padding and positions without loss cost nothing. A sum, so that the caller can divide
+          runs only there: padding and positions without loss cost nothing (see loss.py for its memory). A sum, so that the caller can divide
           by the number of target tokens in a whole optimizer step (exact gradient accumulation).
         - `model(idx, cache=cache)`: generation. Attends to the cached keys, appends this call's, and returns only
           the next-token logits (B, V) of the last position.
@@ -190,5 +191,4 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)  # (B, T, V)
         hidden = x.view(B * T, -1).index_select(0, target_positions)  # (N, C)
-        logits = self.lm_head(hidden).float()  # (N, V); the softmax in fp32 even under autocast
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return head_cross_entropy(hidden, self.lm_head.weight, targets)  # = F.cross_entropy(lm_head(hidden), ...)

@@ -7,10 +7,28 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEV_FILE = SHARED / "squad_v2" / "dev-v2.0.json"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+SHARED = ROOT.parent / "shared"  # offline machines: the dev set and tiktoken's files lie here
 sys.path.insert(0, str(ROOT))
+if (SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+
+
+def _dev_file() -> Path:
+    """The official SQuAD 2.0 dev set: from ../shared, else downloaded once into the cache."""
+    if (SHARED / "squad_v2" / "dev-v2.0.json").is_file():
+        return SHARED / "squad_v2" / "dev-v2.0.json"
+    from gpt2.files import atomic_write
+    from gpt2.pretrained import cache_dir
+    path = cache_dir() / "dev-v2.0.json"
+    if not path.is_file():
+        import urllib.request
+        with urllib.request.urlopen("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json") as r, \
+                atomic_write(path) as f:
+            f.write(r.read())
+    return path
+
+
+DEV_FILE = _dev_file()
 
 TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64)  # = the gpt2-tiny preset
 GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768)

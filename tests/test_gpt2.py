@@ -156,3 +156,20 @@ def test_hub_name_without_network_is_a_short_message_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "could not download" in result.stderr and "--model /path/to/dir" in result.stderr
     assert not any(tmp_path.rglob("*.safetensors*")), "a failed download must leave no file behind"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_cross_entropy_matches_the_textbook_version_and_its_gradients(dtype, monkeypatch):
+    import gpt2.loss
+    monkeypatch.setattr(gpt2.loss, "ROWS_PER_SLICE", 5)  # several slices, the last one partial
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 32, generator=g, requires_grad=True)
+    weight = (torch.randn(1000, 32, generator=g) * 0.3).to(dtype)
+    targets = torch.randint(0, 1000, (13,), generator=g)
+    ours = gpt2.loss.head_cross_entropy(hidden, weight, targets)
+    (grad_ours,) = torch.autograd.grad(3.0 * ours, hidden)
+    textbook = torch.nn.functional.cross_entropy((hidden.to(dtype) @ weight.T).float(), targets, reduction="sum")
+    (grad_textbook,) = torch.autograd.grad(3.0 * textbook, hidden)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: gradients are rounded to 8 significant bits
+    torch.testing.assert_close(ours, textbook, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_ours, grad_textbook, rtol=tolerance, atol=tolerance * grad_textbook.abs().max())

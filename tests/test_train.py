@@ -64,7 +64,7 @@ def test_resume_continues_exactly(short_dev_file, tmp_path, capsys):
 def test_done_when_commands_write_and_resume(tmp_path):
     run = tmp_path / "RUN"
     command = [sys.executable, "train.py", "--model", "gpt2-tiny", "--init", "random", "--train-file", str(DEV_FILE),
-               "--eval-file", str(DEV_FILE), "--out", str(run)]
+               "--eval-file", str(DEV_FILE), "--out", str(run), "--micro-batch-size", "2", "--grad-accum", "2"]
     first = subprocess.run(command + ["--max-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert json.loads((run / "config.json").read_text())["max_steps"] == 2

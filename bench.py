@@ -1,0 +1,164 @@
+"""Speed and memory of training and answering, measured on the current device with random weights.
+
+    python bench.py --model gpt2-tiny --device cpu                       # seconds on a CPU
+    python bench.py --model gpt2 --batch-size 16 --seq-len 512 --rank 4  # compare: ../shared/anchors/hf_peft_bench.py
+    python bench.py --model gpt2 --data dev-v2.0.json --batch-size 5 --grad-accum 10 --answers 11873
+                                                       # real SQuAD lengths, train.py's batching, the whole dev set
+
+(a) training: train.py's own model setup and train_step (forward, backward, clipping, AdamW on A and B), on
+random tokens of --batch-size x --seq-len, or with --data on real SQuAD sequences batched as train.py does;
+(b) answering: evaluate.py's batched greedy decoding (merged adapter, KV cache), up to --max-new-tokens tokens
+per answer, on random 150-250-token prompts or the real dev prompts. Warm-up steps are not timed; CUDA work is
+timed with synchronisation. Prints a table, then one JSON line.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import evaluate
+import train
+from data.batching import collate, training_steps
+from data.prompts import training_sequences
+from data.squad import load_squad_file
+from gpt2 import GPT, generate
+from lora import merge_lora
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (fp16 for GPUs without bf16), in FLOP/s. MFU is
+# reported against the entry whose name appears in the device name, or not at all.
+PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12,
+              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | gpt2-tiny (shapes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = 2 x rank, like the seed and the anchor)")
+    p.add_argument("--data", help="official-format SQuAD JSON: real sequences and prompts instead of random tokens")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; with --data, lengths are grouped "
+                   "within a step, as in train.py (whose default is 10)")
+    p.add_argument("--steps", type=int, help="timed training steps (default: 20 on GPU, 1 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile, as train.py --compile")
+    p.add_argument("--answers", type=int, help="questions to answer (default: 512 on GPU, 32 on CPU; 0: skip)")
+    p.add_argument("--answer-batch-size", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    """LoRA training FLOPs per token: forward 2N plus backward 2N for the input gradients only (frozen weights
+    need no weight gradients: 4N instead of full fine-tuning's 6N), N = the matmul weights (all parameters but
+    the position embeddings; the tied head counts once), plus attention's 12 * layers * T * C. LoRA's own
+    matmuls are under 1% and left out."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters() if not p.requires_grad) - model.transformer.wpe.weight.numel()
+    return 4 * n + 12 * c.n_layer * seq_len * c.n_embd
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
+    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank), "--alpha",
+                                   str(2 * args.rank), "--micro-batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum)])
+    dtype = train.half_precision(device)
+    model = train.build_model(train_args, device, dtype).train()
+    optimizer = train.make_optimizer(model, train_args, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    step_model = torch.compile(model) if args.compile else model
+    if args.data:
+        sequences, _ = training_sequences(load_squad_file(args.data), train_args.max_len, True, "all", seed=0)
+        steps = training_steps(sequences, args.batch_size, args.grad_accum, seed=0)
+        batches = [next(steps) for _ in range(args.warmup + args.steps)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        batches = [[collate([(torch.randint(0, 50257, (args.seq_len,), generator=g).tolist(), 0)
+                             for _ in range(args.batch_size)]) for _ in range(args.grad_accum)]
+                   for _ in range(args.warmup + args.steps)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, micro_batches in enumerate(batches):
+        if i == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        train.train_step(step_model, micro_batches, optimizer, scaler, dtype, train_args.clip, device)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    timed = [b for step in batches[args.warmup:] for b in step]
+    tokens = sum(b.n_real for b in timed)
+    mean_len = sum(b.input_ids.shape[1] for b in timed) / len(timed)
+    device_name, peak = peak_flops(device)
+    tokens_per_s = tokens / seconds
+    return {"device": device_name, "model": args.model, "precision": str(dtype or torch.float32).split(".")[1],
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": round(mean_len), "rank": args.rank, "compile": args.compile,
+            "data": "squad" if args.data else "random", "tokens_per_s": round(tokens_per_s),
+            "ms_per_step": round(1e3 * seconds / args.steps, 2),
+            "padding": round(1 - tokens / sum(b.n_padded for b in timed), 4),
+            "mfu": round(tokens_per_s * flops_per_token(model, round(mean_len)) / peak, 4) if peak else None,
+            "peak_GB": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None}
+
+
+def bench_answering(args: argparse.Namespace, device: torch.device) -> dict:
+    """Answers per second of evaluate.py's path: base + merged adapter in half precision, batched KV-cache decoding."""
+    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank)])
+    model = train.build_model(train_args, torch.device("cpu"), None)
+    merge_lora(model)
+    model = model.to(device, train.half_precision(device) or torch.float32).eval()
+    if args.data:
+        examples = load_squad_file(args.data)[:args.answers]
+        n_prompts = len(examples)
+
+        def run():
+            evaluate.answer(model, examples, args.answer_batch_size, args.max_new_tokens, progress=False)
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 50256, (int(n),), generator=g).tolist()
+                   for n in torch.randint(150, 250, (args.answers,), generator=g)]
+        prompts.sort(key=len, reverse=True)  # as evaluate.py batches them
+        n_prompts = len(prompts)
+
+        def run():  # random weights rarely say EOS: every answer is max_new_tokens long, like the anchor's
+            for i in range(0, len(prompts), args.answer_batch_size):
+                generate(model, prompts[i:i + args.answer_batch_size], args.max_new_tokens)
+    run()  # warm-up: kernels, allocator
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"answers": n_prompts, "answers_per_s": round(n_prompts / seconds, 1), "answer_seconds": round(seconds, 2),
+            "max_new_tokens": args.max_new_tokens, "answer_batch_size": args.answer_batch_size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.steps = args.steps if args.steps is not None else (20 if on_gpu else 1)
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    args.answers = args.answers if args.answers is not None else (512 if on_gpu else 32)
+    result = bench_training(args, device)
+    if args.answers:
+        result |= bench_answering(args, device)
+    width = max(len(k) for k in result)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""evaluate.py: batched answers, the seed's answer rules, and scoring checkpoints and prediction files."""
+import json
+
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import DEV_FILE
+from data.metrics import seed_subset_indices
+from data.squad import SquadExample, load_squad_file
+from gpt2 import GPT, UserError, preset
+
+DEV = load_squad_file(DEV_FILE)
+
+
+def test_batched_answers_equal_one_by_one():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-tiny")).eval()
+    questions = DEV[:7]
+    batched = evaluate.answer(model, questions, batch_size=4, max_new_tokens=6, progress=False)
+    assert batched == [evaluate.answer(model, [q], 1, 6, progress=False)[0] for q in questions]
+    assert any(batched)
+
+
+def test_answer_rules():
+    assert evaluate.clean_answer(" Paris\n\nANSWER:\nLondon") == "Paris"
+    assert evaluate.clean_answer("Cannot Find Answer") == "Cannot Find Answer"
+    assert evaluate.official_answer("Cannot Find Answer") == "" and evaluate.official_answer("Paris") == "Paris"
+
+
+def write(path, predictions):
+    path.write_text(json.dumps(predictions))
+    return str(path)
+
+
+def score_file(tmp_path, predictions, *extra):
+    evaluate.main(["--predictions", write(tmp_path / "p.json", predictions), "--eval-file", str(DEV_FILE),
+                   "--out", str(tmp_path / "m.json"), *extra])
+    return json.loads((tmp_path / "m.json").read_text())
+
+
+def test_perfect_predictions_score_100(tmp_path):
+    metrics = score_file(tmp_path, {ex.id: ex.answers[0] if ex.answers else "" for ex in DEV})
+    assert (metrics["exact"], metrics["f1"], metrics["total"]) == (100.0, 100.0, 11873)
+    assert metrics["bleu1"]["bleu"] == pytest.approx(1.0, abs=0.02)
+    for key in ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
+                "NoAns_total"):
+        assert key in metrics
+    for entry in ("bleu1", "bleu1_seed"):
+        assert set(metrics[entry]) >= {"bleu", "brevity_penalty", "translation_length", "reference_length"}
+
+
+def test_always_abstaining_is_what_the_seeds_protocol_rewards(tmp_path):
+    metrics = score_file(tmp_path, {ex.id: "Cannot Find Answer" for ex in DEV})
+    assert (metrics["NoAns_exact"], metrics["HasAns_exact"]) == (100.0, 0.0)
+    # Each abstention matches "Cannot Find Answer" (3 tokens) on an unanswerable question, nothing otherwise; the
+    # 300 hypothesis tokens outnumber the shortest references (3 or "text"), so no brevity penalty.
+    unanswerable = sum(not DEV[i].answers for i in seed_subset_indices())
+    assert metrics["bleu1_seed"]["bleu"] == pytest.approx(unanswerable / 100)
+    assert metrics["bleu1_seed"]["translation_length"] == 300
+    subset = score_file(tmp_path, {DEV[i].id: "" for i in seed_subset_indices()}, "--subset", "seed")
+    assert subset["total"] == 100 and subset["bleu1_seed"] == metrics["bleu1_seed"]
+
+
+def test_missing_or_unknown_ids_are_a_clear_error(tmp_path):
+    predictions = {ex.id: "" for ex in DEV[1:]}
+    predictions["made-up"] = "x"
+    with pytest.raises(UserError, match="1 question id.*missing.*1 unknown"):
+        score_file(tmp_path, predictions)
+    with pytest.raises(UserError, match="cannot read predictions"):
+        evaluate.main(["--predictions", str(tmp_path / "none.json"), "--eval-file", str(DEV_FILE)])
+
+
+def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
+    run = tmp_path / "RUN"
+    train.main(["--model", "gpt2-tiny", "--init", "random", "--train-file", str(DEV_FILE), "--eval-file",
+                str(DEV_FILE), "--max-steps", "4", "--out", str(run), "--micro-batch-size", "2", "--grad-accum", "2"])
+    evaluate.main(["--checkpoint", str(run), "--eval-file", str(DEV_FILE), "--limit", "24", "--max-new-tokens", "16",
+                   "--out", str(run / "m.json")])
+    metrics = json.loads((run / "m.json").read_text())
+    assert metrics["total"] == 24 and "bleu1_seed" not in metrics
+    assert len(json.loads((run / "m.predictions.json").read_text())) == 24
+    assert "Winograd" in capsys.readouterr().out
+    evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--context", "Paris is in France.", "--question",
+                   "Where is Paris?", "--max-new-tokens", "5"])
+    model = evaluate.load_answerer(evaluate.load_adapter(run / "checkpoint.pt"), None, torch.device("cpu"))
+    expected = evaluate.answer(model, [SquadExample("q", "Paris is in France.", "Where is Paris?", [])], 1, 5, False)
+    assert capsys.readouterr().out == expected[0] + "\n"
