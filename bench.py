@@ -74,8 +74,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
-    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank), "--alpha",
-                                   str(2 * args.rank), "--micro-batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum)])
+    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank),
+                                   "--alpha", str(2 * args.rank), "--micro-batch-size", str(args.batch_size),
+                                   "--grad-accum", str(args.grad_accum)])
     dtype = train.half_precision(device)
     model = train.build_model(train_args, device, dtype).train()
     optimizer = train.make_optimizer(model, train_args, device)
@@ -105,7 +106,8 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
     device_name, peak = peak_flops(device)
     tokens_per_s = tokens / seconds
     return {"device": device_name, "model": args.model, "precision": str(dtype or torch.float32).split(".")[1],
-            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": round(mean_len), "rank": args.rank, "compile": args.compile,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": round(mean_len),
+            "rank": args.rank, "compile": args.compile,
             "data": "squad" if args.data else "random", "tokens_per_s": round(tokens_per_s),
             "ms_per_step": round(1e3 * seconds / args.steps, 2),
             "padding": round(1 - tokens / sum(b.n_padded for b in timed), 4),

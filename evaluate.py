@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     args = p.parse_args(argv)
+    if not 0 < args.max_new_tokens < 1000:
+        p.error("--max-new-tokens must be between 1 and 999: prompt and answer share GPT-2's 1024 tokens")
     if (args.context is None) != (args.question is None):
         p.error("--context and --question go together")
     if args.predictions is None and args.checkpoint is None and args.model is None:

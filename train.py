@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
+    for name in ("rank", "micro_batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -198,6 +201,19 @@ def eval_loss(model: GPT, sequences: list[tuple[list[int], int]], batch_size: in
     return (sums[0] / sums[1]).item()
 
 
+def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
+    """Training sequences, how many examples were too long to keep, and the eval-loss sequences."""
+    train_examples = load_split("train", args.data_dir, args.train_file)
+    eval_examples = load_split("eval", args.data_dir, args.eval_file)
+    if args.eval_examples is not None:  # a fixed random subset, the same at every evaluation
+        keep = np.sort(np.random.default_rng(0).permutation(len(eval_examples))[:args.eval_examples])
+        eval_examples = [eval_examples[i] for i in keep]
+    encode = dict(max_len=args.max_len, add_eos=not args.no_eos, loss_on=args.loss_on, seed=args.seed)
+    train_sequences, skipped = training_sequences(train_examples, **encode)
+    eval_sequences, _ = training_sequences(eval_examples, **encode)
+    return train_sequences, skipped, eval_sequences
+
+
 def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -218,6 +234,22 @@ def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path) -> N
     if changed:
         raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same "
                         f"ones, or start a new run with another --out")
+
+
+def restore(path: Path, args: argparse.Namespace, model: GPT, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, device: torch.device) -> int:
+    """Load a run's adapter and training state for --resume; returns the step to continue from."""
+    checkpoint = load_adapter(path)
+    check_resumable(checkpoint, args, path)
+    load_lora_state_dict(model, checkpoint["adapter"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint["rng"]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) == world:  # the same number of processes: each continues its own random stream
+        set_rng_state(states[rank], device)
+    return checkpoint["step"]
 
 
 class StopRequest:
@@ -262,14 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{out} already holds a run: continue it with --resume, or choose another --out")
     dtype = half_precision(device)
 
-    train_examples = load_split("train", args.data_dir, args.train_file)
-    eval_examples = load_split("eval", args.data_dir, args.eval_file)
-    if args.eval_examples is not None:  # a fixed random subset, the same at every evaluation
-        keep = np.sort(np.random.default_rng(0).permutation(len(eval_examples))[:args.eval_examples])
-        eval_examples = [eval_examples[i] for i in keep]
-    encode = dict(max_len=args.max_len, add_eos=not args.no_eos, loss_on=args.loss_on, seed=args.seed)
-    train_sequences, skipped = training_sequences(train_examples, **encode)
-    eval_sequences, _ = training_sequences(eval_examples, **encode)
+    train_sequences, skipped, eval_sequences = prepare_data(args)
     steps_per_epoch = len(train_sequences) // (args.micro_batch_size * args.grad_accum * world)
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
 
@@ -280,22 +305,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
     if args.resume:
-        checkpoint = load_adapter(checkpoint_path)
-        check_resumable(checkpoint, args, checkpoint_path)
-        load_lora_state_dict(model, checkpoint["adapter"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        states = checkpoint["rng"]
-        if len(states) == world:  # the same number of processes: each continues its own random stream
-            set_rng_state(states[rank], device)
-        start_step = checkpoint["step"]
+        start_step = restore(checkpoint_path, args, model, optimizer, scaler, device)
+    else:
+        (out / "log.jsonl").unlink(missing_ok=True)  # left by a run that stopped before its first checkpoint
 
     settings = {**vars(args), "max_steps": max_steps, "device": str(device), "world_size": world,
                 "precision": str(dtype or torch.float32).removeprefix("torch."), "train_sequences":
                 len(train_sequences), "skipped_too_long": skipped, "eval_sequences": len(eval_sequences),
                 "steps_per_epoch": steps_per_epoch, "lora": asdict(lora_config_from(args)),
                 "parameters": parameter_report(model)}
+    stop = StopRequest()  # from here on, Ctrl-C saves the run
     if main_process:
         print(json.dumps(settings, indent=2))
         with atomic_write(out / "config.json", "w") as f:
@@ -309,11 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     base = {"model": args.model, "init": args.init, "seed": args.seed, "config": vars(model.config)}
 
     def save(step: int) -> None:
-        states = [None] * world
-        if world > 1:
+        states = [rng_state(device)]
+        if world > 1:  # every process's random state, so that each continues its own stream
+            states = [None] * world
             dist.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
         if main_process:
             save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states)
@@ -323,7 +341,6 @@ def main(argv: list[str] | None = None) -> None:
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    stop = StopRequest()
     steps = training_steps(train_sequences, args.micro_batch_size, args.grad_accum, args.seed, start_step, rank, world)
     bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
     model.train()

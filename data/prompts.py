@@ -9,7 +9,7 @@ on the 11,873 dev questions the pieces give exactly the tokens of the whole stri
 import random
 from collections.abc import Sequence
 
-from gpt2 import EOS_ID, get_tokenizer
+from gpt2 import EOS_ID, UserError, get_tokenizer
 
 from .squad import SquadExample
 
@@ -72,8 +72,8 @@ def prompt_tokens(examples: Sequence[SquadExample], max_tokens: int) -> list[lis
     prompts = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
     too_long = [ex.id for ex, p in zip(examples, prompts) if p is None]
     if too_long:
-        raise ValueError(f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their "
-                         f"context, e.g. {too_long[0]}; allow more tokens or fewer new ones")
+        raise UserError(f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their "
+                        f"context, e.g. {too_long[0]}: allow fewer new tokens (--max-new-tokens)")
     return prompts
 
 

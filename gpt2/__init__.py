@@ -5,4 +5,5 @@ from .model import GPT, PRESETS, GPTConfig, KVCache, preset
 from .pretrained import load_model
 from .tokenizer import EOS_ID, get_tokenizer
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "preset", "load_model", "generate", "get_tokenizer", "EOS_ID", "UserError"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "preset", "load_model", "generate", "get_tokenizer", "EOS_ID",
+           "UserError"]

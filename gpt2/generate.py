@@ -19,6 +19,8 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     whole batch, each attending only to its own row's cached keys (see KVCache).
     """
     limit = model.config.block_size
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     for i, p in enumerate(prompts):
         if not 0 < len(p) <= limit - max_new_tokens:
             raise ValueError(f"prompt {i} has {len(p)} tokens: with {max_new_tokens} new tokens it must have 1 to "

@@ -168,8 +168,9 @@ class GPT(nn.Module):
         - `model(idx)`: logits (B, T, V) for every position.
         - `model(idx, targets, target_positions)`: the SUM of the cross-entropies of predicting `targets` (N,)
           at `target_positions` (N,), flat indices into the B*T positions. The output head (the largest matmul)
-          runs only there: padding and positions without loss cost nothing (see loss.py for its memory). A sum, so that the caller can divide
-          by the number of target tokens in a whole optimizer step (exact gradient accumulation).
+          runs only there: padding and positions without loss cost nothing (loss.py keeps its memory small).
+          A sum, so that the caller can divide by the number of target tokens in a whole optimizer step
+          (exact gradient accumulation).
         - `model(idx, cache=cache)`: generation. Attends to the cached keys, appends this call's, and returns only
           the next-token logits (B, V) of the last position.
         """

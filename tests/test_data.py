@@ -5,7 +5,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import DEV_FILE, ROOT
 from data.batching import collate, plan_epoch, training_steps

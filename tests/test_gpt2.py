@@ -137,15 +137,21 @@ def test_loader_reports_truncated_and_missing_files(tiny_hub_dir, tmp_path):
         from_pretrained(str(tmp_path / "no_such_dir"))
 
 
-def test_checkpoint_of_another_size_is_refused(tiny_hub_dir, tmp_path):
+def test_checkpoint_of_unknown_size_needs_its_config(tmp_path):
     other = save_hub_layout(random_hf_gpt2(n_layer=3, n_head=4, n_embd=64), tmp_path / "other")
-    (tiny_hub_dir / "config.json").replace(tmp_path / "config.json.bak")
-    try:
-        (other / "config.json").unlink()
-        with pytest.raises(UserError, match="match no GPT-2 size"):
-            from_pretrained(str(other))
-    finally:
-        (tmp_path / "config.json.bak").replace(tiny_hub_dir / "config.json")
+    assert from_pretrained(str(other)).config.n_layer == 3  # config.json gives the number of heads
+    (other / "config.json").unlink()
+    with pytest.raises(UserError, match="3 layers of width 64 match no GPT-2 size"):
+        from_pretrained(str(other))
+
+
+def test_hub_file_for_a_hub_name_must_have_that_size(tiny_hub_dir, tmp_path, monkeypatch):
+    """A cached gpt2 file that holds another model (a wrong download, a renamed file) is refused by shape."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "model.safetensors").write_bytes((tiny_hub_dir / "model.safetensors").read_bytes())
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="does not fit a GPT-2 with 12 layers, 12 heads and width 768"):
+        GPT.from_pretrained("gpt2")
 
 
 def test_hub_name_without_network_is_a_short_message_not_a_traceback(tmp_path):

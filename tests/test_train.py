@@ -79,8 +79,8 @@ def test_ddp_on_two_cpu_processes_equals_one_process(short_dev_file, tmp_path):
     """Same examples per step (2 x 2 x 2 GPUs = 2 x 4 x 1), so the same gradients: DDP must average correctly."""
     deterministic = ["--lora-dropout", "0", "--base-dropout", "0", "--max-steps", "2", "--lr", "1e-3",
                      "--warmup-steps", "0", "--micro-batch-size", "2"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *tiny_args(short_dev_file, tmp_path / "ddp", *deterministic, "--grad-accum", "2")],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    ddp = subprocess.run(torchrun + tiny_args(short_dev_file, tmp_path / "ddp", *deterministic, "--grad-accum", "2"),
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     train.main(tiny_args(short_dev_file, tmp_path / "single", *deterministic, "--grad-accum", "4"))
