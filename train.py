@@ -117,7 +117,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     otherwise cast every fp32 weight again at every forward pass (it caches casts only for trainable leaves).
     A and B stay fp32, so the optimizer's small updates are not lost to rounding."""
     model = load_model(args.model, args.init, seed=args.seed, dropout=args.base_dropout)
-    apply_lora(model, lora_config_from(args))
+    apply_lora(model, **asdict(lora_config_from(args)))
     if dtype is not None:
         for p in model.parameters():
             if not p.requires_grad:

@@ -110,7 +110,8 @@ def _config_for(tensors: dict[str, torch.Tensor], config_file: Path | None, pres
     if config_file is not None and config_file.is_file():
         n_head = json.loads(config_file.read_text())["n_head"]
     else:
-        same_shape = [c for c in PRESETS.values() if (c.n_layer, c.n_embd) == (n_layer, wte.shape[1])]
+        same_shape = [PRESETS[name] for name in HUB_MODELS  # the released sizes only: guessing is safe there
+                      if (PRESETS[name].n_layer, PRESETS[name].n_embd) == (n_layer, wte.shape[1])]
         if not same_shape:
             raise UserError(f"{path}: {n_layer} layers of width {wte.shape[1]} match no GPT-2 size; put "
                             f"transformers' config.json (with n_head) beside it")

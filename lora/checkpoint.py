@@ -72,6 +72,6 @@ def apply_adapter(model: nn.Module, checkpoint: dict) -> LoRAConfig:
         raise UserError(f"the adapter was trained on {checkpoint['base']['model']} {trained_on}, but the base model "
                         f"given has {this}: load the base it was trained on")
     config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
-    apply_lora(model, config)
+    apply_lora(model, **asdict(config))
     load_lora_state_dict(model, checkpoint["adapter"])
     return config

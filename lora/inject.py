@@ -11,6 +11,7 @@ A bare name matches every module ending in it: `c_proj` adapts both the attentio
 projections, as the seed's PEFT config did. The seed adapts c_attn, c_proj and c_fc at r=4: 4 modules x 12
 blocks = 48 adapters, 589,824 trainable parameters.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -32,26 +33,28 @@ class LoRAConfig:
     rank_stabilized: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, dropout: float = 0.0,
+               targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"), qkv: str = "",
+               rank_stabilized: bool = False) -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear around the same weights, in place; freeze everything
-    else. Returns the model."""
-    unknown = [t for t in config.targets if t not in VALID_TARGETS]
-    if unknown or not config.targets:
+    else. Returns the model. The arguments are LoRAConfig's fields: `apply_lora(model, **asdict(config))`."""
+    unknown = [t for t in targets if t not in VALID_TARGETS]
+    if unknown or not targets:
         raise UserError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")
     parts = None
-    if config.qkv:
-        if set(config.qkv) - set("qkv") or len(set(config.qkv)) != len(config.qkv):
-            raise UserError(f"--qkv {config.qkv!r}: use some of the letters q, k, v once each, e.g. qv")
-        if not any(t.endswith("c_attn") for t in config.targets):
+    if qkv:
+        if set(qkv) - set("qkv") or len(set(qkv)) != len(qkv):
+            raise UserError(f"--qkv {qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+        if not any(t.endswith("c_attn") for t in targets):
             raise UserError("--qkv selects parts of c_attn: add c_attn to the targets")
-        parts = tuple(p in config.qkv for p in "qkv")
+        parts = tuple(p in qkv for p in "qkv")
     wanted = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and any(_matches(name, t) for t in config.targets)]
+              if isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets)]
     if not wanted:
-        raise UserError(f"no module of this model matches the LoRA targets {config.targets}")
+        raise UserError(f"no module of this model matches the LoRA targets {tuple(targets)}")
     for name, linear in wanted:
         parent_name, _, child = name.rpartition(".")
-        lora = LoRALinear.from_linear(linear, config.rank, config.alpha, config.dropout, config.rank_stabilized,
+        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, rank_stabilized,
                                       parts if child == "c_attn" else None)
         setattr(model.get_submodule(parent_name), child, lora)
     mark_only_lora_as_trainable(model)

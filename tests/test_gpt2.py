@@ -112,6 +112,7 @@ def _corrupt(tiny_hub_dir, tmp_path, edit):
     tensors = load_file(tiny_hub_dir / "model.safetensors")
     edit(tensors)
     save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((tiny_hub_dir / "config.json").read_text())
     return tmp_path
 
 
