@@ -17,13 +17,18 @@ import time
 
 import torch
 
-import evaluate
-import train
 from data.batching import collate, training_steps
 from data.prompts import training_sequences
 from data.squad import load_squad_file
+from finetune.answer import answer
+from finetune.model import build_model
+from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
+from finetune.step import make_optimizer, train_step
 from gpt2 import GPT, generate
-from lora import merge_lora
+from lora import LoRAConfig, merge_lora
+
+# train.py's defaults, which the bench times: the seed's LoRA targets and dropouts, AdamW, clipping.
+SEED_TARGETS, LORA_DROPOUT, BASE_DROPOUT, CLIP, MAX_LEN = ("c_attn", "c_proj", "c_fc"), 0.2, 0.1, 1.0, 1024
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets (fp16 for GPUs without bf16), in FLOP/s. MFU is
 # reported against the entry whose name appears in the device name, or not at all.
@@ -36,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | gpt2-tiny (shapes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py's (auto: bf16 on GPU)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = 2 x rank, like the seed and the anchor)")
@@ -45,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed training steps (default: 20 on GPU, 1 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="train through torch.compile, as train.py --compile")
+    p.add_argument("--profile", action="store_true", help="also print where a few training steps spend their time "
+                   "(torch.profiler, the top kernels)")
     p.add_argument("--answers", type=int, help="questions to answer (default: 512 on GPU, 32 on CPU; 0: skip)")
     p.add_argument("--answer-batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -73,17 +81,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
-    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank),
-                                   "--alpha", str(2 * args.rank), "--micro-batch-size", str(args.batch_size),
-                                   "--grad-accum", str(args.grad_accum)])
-    dtype = train.half_precision(device)
-    model = train.build_model(train_args, device, dtype).train()
-    optimizer = train.make_optimizer(model, train_args, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+def lora_config(rank: int) -> LoRAConfig:
+    return LoRAConfig(rank=rank, alpha=2 * rank, dropout=LORA_DROPOUT, targets=SEED_TARGETS)
+
+
+def bench_training(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    model = build_model(args.model, "random", 0, BASE_DROPOUT, lora_config(args.rank), device, dtype).train()
+    optimizer = make_optimizer(model, 5e-5, (0.9, 0.999), 1e-8, 0.0, device)
+    scaler = grad_scaler(dtype)
     step_model = torch.compile(model) if args.compile else model
     if args.data:
-        sequences, _ = training_sequences(load_squad_file(args.data), train_args.max_len, True, "all", seed=0)
+        sequences, _ = training_sequences(load_squad_file(args.data), MAX_LEN, True, "all", seed=0)
         steps = training_steps(sequences, args.batch_size, args.grad_accum, seed=0)
         batches = [next(steps) for _ in range(args.warmup + args.steps)]
     else:
@@ -97,15 +105,17 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
         if i == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        train.train_step(step_model, micro_batches, optimizer, scaler, dtype, train_args.clip, device)
+        train_step(step_model, micro_batches, optimizer, scaler, dtype, CLIP, device)
     synchronize(device)
     seconds = time.perf_counter() - start
+    if args.profile:
+        profile_steps(step_model, batches[:3], optimizer, scaler, dtype, device)
     timed = [b for step in batches[args.warmup:] for b in step]
     tokens = sum(b.n_real for b in timed)
     mean_len = sum(b.input_ids.shape[1] for b in timed) / len(timed)
     device_name, peak = peak_flops(device)
     tokens_per_s = tokens / seconds
-    return {"device": device_name, "model": args.model, "precision": str(dtype or torch.float32).split(".")[1],
+    return {"device": device_name, "model": args.model, "precision": precision_name(dtype),
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": round(mean_len),
             "rank": args.rank, "compile": args.compile,
             "data": "squad" if args.data else "random", "tokens_per_s": round(tokens_per_s),
@@ -115,18 +125,28 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
             "peak_GB": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None}
 
 
-def bench_answering(args: argparse.Namespace, device: torch.device) -> dict:
+def profile_steps(model, steps: list, optimizer, scaler, dtype: torch.dtype, device: torch.device) -> None:
+    """Print the operations that took the most time over a few training steps (after the timed ones)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
+        for micro_batches in steps:
+            train_step(model, micro_batches, optimizer, scaler, dtype, CLIP, device)
+        synchronize(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
+
+
+def bench_answering(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Answers per second of evaluate.py's path: base + merged adapter in half precision, batched KV-cache decoding."""
-    train_args = train.parse_args(["--model", args.model, "--init", "random", "--rank", str(args.rank)])
-    model = train.build_model(train_args, torch.device("cpu"), None)
+    model = build_model(args.model, "random", 0, 0.0, lora_config(args.rank), torch.device("cpu"), torch.float32)
     merge_lora(model)
-    model = model.to(device, train.half_precision(device) or torch.float32).eval()
+    model = model.to(device, dtype).eval()
     if args.data:
         examples = load_squad_file(args.data)[:args.answers]
         n_prompts = len(examples)
 
         def run():
-            evaluate.answer(model, examples, args.answer_batch_size, args.max_new_tokens, progress=False)
+            answer(model, examples, args.answer_batch_size, args.max_new_tokens, progress=False)
     else:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 50256, (int(n),), generator=g).tolist()
@@ -154,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps if args.steps is not None else (20 if on_gpu else 1)
     args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     args.answers = args.answers if args.answers is not None else (512 if on_gpu else 32)
-    result = bench_training(args, device)
+    dtype = resolve_precision(args.precision, device)
+    result = bench_training(args, device, dtype)
     if args.answers:
-        result |= bench_answering(args, device)
+        result |= bench_answering(args, device, dtype)
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
     print(json.dumps(result))

@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data.metrics import bleu1, correct_references, seed_references, seed_subset_indices, squad_v2_scores
-from data.prompts import ANSWER_MARKER, NO_ANSWER, prompt_tokens
+from data.prompts import NO_ANSWER
 from data.squad import SquadExample, load_split
-from gpt2 import GPT, UserError, generate, get_tokenizer, load_model
+from finetune.answer import answer, official_answer
+from finetune.model import load_answerer
+from finetune.precision import PRECISIONS, resolve_precision
+from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import apply_adapter, load_adapter, merge_lora
+from lora import load_adapter
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
     if not 0 < args.max_new_tokens < 1000:
         p.error("--max-new-tokens must be between 1 and 999: prompt and answer share GPT-2's 1024 tokens")
@@ -56,51 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.predictions is None and args.checkpoint is None and args.model is None:
         p.error("give --checkpoint (or --model) to answer questions, or --predictions to score a file")
     return args
-
-
-def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device) -> GPT:
-    """The base model with the adapter merged in (an adapted model then costs what the base costs), in bf16/fp16
-    on GPU. Merging happens in fp32 before the cast, so the merged weights are rounded once."""
-    if checkpoint is None:
-        model = load_model(model_name)
-    else:
-        base = checkpoint["base"]
-        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, checkpoint)
-        merge_lora(model)
-    dtype = torch.float32
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return model.to(device, dtype).eval()
-
-
-def clean_answer(generated: str) -> str:
-    """The seed's rule: the answer is the generated text up to a repeated "ANSWER:" marker."""
-    return generated.split(ANSWER_MARKER)[0].strip()
-
-
-def official_answer(text: str) -> str:
-    """SQuAD's predictions format: "" means no answer (the model says "Cannot Find Answer")."""
-    return "" if text.strip() == NO_ANSWER else text
-
-
-def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_tokens: int,
-           progress: bool = True) -> list[str]:
-    """Greedy answers to every question, in order. Questions are answered longest first in batches of similar
-    length (little padding), then put back in order."""
-    enc = get_tokenizer()
-    prompts = prompt_tokens(examples, model.config.block_size - max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    stop = [enc.encode_ordinary(ANSWER_MARKER)]
-    answers = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc="answering", unit="q", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens, stop_sequences=stop)
-            for i, tokens in zip(chunk, outputs):
-                answers[i] = clean_answer(enc.decode(tokens))
-            bar.update(len(chunk))
-    return answers
 
 
 def score(examples: list[SquadExample], predictions: dict[str, str], seed_positions: list[int] | None) -> dict:
@@ -164,13 +123,14 @@ def metrics_path(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_precision(args.precision, device)
     checkpoint = None
     if args.checkpoint:
         path = Path(args.checkpoint)
         checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
 
     if args.context is not None:
-        model = load_answerer(checkpoint, args.model, device)
+        model = load_answerer(checkpoint, args.model, device, dtype)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -184,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(predictions, dict):
             raise UserError(f"{args.predictions} must map question ids to answer strings")
     else:
-        model = load_answerer(checkpoint, args.model, device)
+        model = load_answerer(checkpoint, args.model, device, dtype)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

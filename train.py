@@ -15,10 +15,8 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,13 +26,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.batching import Batch, eval_batches, training_steps
+from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
 from data.squad import load_split
-from gpt2 import GPT, UserError, load_model
+from finetune.model import build_model
+from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
+from finetune.signals import EXIT_CODE, StopRequest
+from finetune.state import restore, rng_state
+from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
+from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import (LoRAConfig, VALID_TARGETS, apply_lora, load_adapter, load_lora_state_dict, parameter_report,
-                  save_adapter)
+from lora import LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--base-dropout", type=float, default=0.1,
                    help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--alpha", type=float, default=8.0)
@@ -101,106 +105,6 @@ def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
                       qkv=args.qkv, rank_stabilized=args.rslora)
 
 
-def half_precision(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it; fp16 (with loss scaling) on older GPUs such as the seed's T4; fp32 on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> GPT:
-    """The base model with LoRA in it. The frozen base is stored in half precision on GPU: autocast would
-    otherwise cast every fp32 weight again at every forward pass (it caches casts only for trainable leaves).
-    A and B stay fp32, so the optimizer's small updates are not lost to rounding."""
-    model = load_model(args.model, args.init, seed=args.seed, dropout=args.base_dropout)
-    apply_lora(model, **asdict(lora_config_from(args)))
-    if dtype is not None:
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
-    return model.to(device)
-
-
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over A and B only: the frozen weights get no optimizer state (that is most of LoRA's memory saving)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
-                             eps=args.eps, weight_decay=args.weight_decay, fused=device.type == "cuda")
-
-
-def learning_rate(step: int, args: argparse.Namespace, max_steps: int) -> float:
-    """Linear warmup from 0, then linear decay to 0 at `max_steps` (transformers' linear schedule, as the seed)."""
-    if step < args.warmup_steps:
-        return args.lr * step / args.warmup_steps
-    return args.lr * max(0.0, (max_steps - step) / max(1, max_steps - args.warmup_steps))
-
-
-def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (batch.input_ids, batch.targets, batch.target_positions)
-    if device.type == "cuda":  # pinned memory lets the copy run alongside the GPU's work
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tensors
-
-
-def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None, dtype: torch.dtype | None, clip: float,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns the step's summed loss (a device tensor, no sync).
-
-    Gradient accumulation done exactly: each micro-batch's summed loss is divided by the number of target
-    tokens in the WHOLE step (all micro-batches, all GPUs), so the accumulated gradient is that of the mean over
-    the step's tokens, however they were split. (Averaging per micro-batch means would weight a token in a short
-    micro-batch more than one in a long micro-batch; summing without dividing, as the seed's library did,
-    multiplies the gradient by the number of micro-batches.)"""
-    n_targets = torch.tensor(float(sum(len(b.targets) for b in micro_batches)), device=device)
-    ddp = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)
-    if ddp:
-        dist.all_reduce(n_targets)
-    # DDP averages gradients over GPUs; multiplying by their number turns that average back into our sum.
-    scale = (dist.get_world_size() if ddp else 1) / n_targets
-    total = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        idx, targets, positions = to_device(batch, device)
-        # Only the last micro-batch of a step all-reduces the gradients between GPUs.
-        with model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext():
-            with autocast(device, dtype):
-                loss = model(idx, targets, positions)
-            (scaler.scale(loss * scale) if scaler else loss * scale).backward()
-        total += loss.detach()
-    if scaler:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
-    if scaler:
-        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed, and adjusts the scale
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-@torch.no_grad()
-def eval_loss(model: GPT, sequences: list[tuple[list[int], int]], batch_size: int, device: torch.device,
-              dtype: torch.dtype | None) -> float:
-    """Mean loss per target token over the sequences (each GPU takes its share)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, device=device)  # loss, tokens
-    for batch in eval_batches(sequences[rank::world], batch_size):
-        idx, targets, positions = to_device(batch, device)
-        with autocast(device, dtype):
-            sums[0] += model(idx, targets, positions).float()
-        sums[1] += len(batch.targets)
-    if world > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    return (sums[0] / sums[1]).item()
-
-
 def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
     """Training sequences, how many examples were too long to keep, and the eval-loss sequences."""
     train_examples = load_split("train", args.data_dir, args.train_file)
@@ -212,58 +116,6 @@ def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
     train_sequences, skipped = training_sequences(train_examples, **encode)
     eval_sequences, _ = training_sequences(eval_examples, **encode)
     return train_sequences, skipped, eval_sequences
-
-
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path) -> None:
-    """--resume continues the same run: the model, the adapter and the data recipe must be the ones it had."""
-    same = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "max_len", "loss_on", "no_eos", "seed",
-            "micro_batch_size", "grad_accum", "data_dir", "train_file")
-    before = checkpoint["args"]
-    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in same
-               if before[k] != getattr(args, k)]
-    if changed:
-        raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same "
-                        f"ones, or start a new run with another --out")
-
-
-def restore(path: Path, args: argparse.Namespace, model: GPT, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, device: torch.device) -> int:
-    """Load a run's adapter and training state for --resume; returns the step to continue from."""
-    checkpoint = load_adapter(path)
-    check_resumable(checkpoint, args, path)
-    load_lora_state_dict(model, checkpoint["adapter"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scaler and checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    states = checkpoint["rng"]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if len(states) == world:  # the same number of processes: each continues its own random stream
-        set_rng_state(states[rank], device)
-    return checkpoint["step"]
-
-
-class StopRequest:
-    """Ctrl-C asks the run to stop after the current step and save; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to quit without saving)", flush=True)
 
 
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -292,16 +144,16 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"nothing to resume: no {checkpoint_path}")
     if not args.resume and checkpoint_path.is_file():
         raise UserError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-    dtype = half_precision(device)
+    dtype = resolve_precision(args.precision, device)
 
     train_sequences, skipped, eval_sequences = prepare_data(args)
     steps_per_epoch = len(train_sequences) // (args.micro_batch_size * args.grad_accum * world)
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
-    model = build_model(args, device, dtype)
-    optimizer = make_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device)
+    scaler = grad_scaler(dtype)
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
     if args.resume:
@@ -310,11 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         (out / "log.jsonl").unlink(missing_ok=True)  # left by a run that stopped before its first checkpoint
 
     settings = {**vars(args), "max_steps": max_steps, "device": str(device), "world_size": world,
-                "precision": str(dtype or torch.float32).removeprefix("torch."), "train_sequences":
+                "precision": precision_name(dtype), "train_sequences":
                 len(train_sequences), "skipped_too_long": skipped, "eval_sequences": len(eval_sequences),
                 "steps_per_epoch": steps_per_epoch, "lora": asdict(lora_config_from(args)),
                 "parameters": parameter_report(model)}
-    stop = StopRequest()  # from here on, Ctrl-C saves the run
+    stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
     if main_process:
         print(json.dumps(settings, indent=2))
         with atomic_write(out / "config.json", "w") as f:
@@ -334,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_gather_object(states, rng_state(device))
         if main_process:
             save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
+                         precision=precision_name(dtype),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states)
 
     def log(record: dict) -> None:
@@ -345,47 +198,54 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
     model.train()
     micro_batches = next(steps) if start_step < max_steps else []
-    window = {"loss": 0.0, "targets": 0, "tokens": 0, "padded": 0, "start": time.perf_counter()}
+
+    def new_window() -> dict:  # what the next log.jsonl line averages over; the loss stays on the device
+        return {"loss": torch.zeros((), device=device), "targets": 0, "tokens": 0, "padded": 0,
+                "start": time.perf_counter()}
+
+    window = new_window()
     for step in range(start_step, max_steps):
-        lr = learning_rate(step, args, max_steps)
+        lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
-        n_targets = sum(len(b.targets) for b in micro_batches)
+        # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
+        # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
+        window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
+        window["targets"] += sum(len(b.targets) for b in micro_batches)
         window["tokens"] += sum(b.n_real for b in micro_batches) * world
         window["padded"] += sum(b.n_padded for b in micro_batches) * world
         if step + 1 < max_steps:
-            micro_batches = next(steps)  # prepared on the CPU while the GPU finishes this step
-        step_loss = loss_sum.item()  # waits for the GPU: one sync per optimizer step
-        if not math.isfinite(step_loss):
-            raise UserError(f"the loss became {step_loss} at step {step + 1}; stopped without saving, so "
-                            f"{checkpoint_path} holds the last good state. Try a lower --lr.")
-        window["loss"] += step_loss
-        window["targets"] += n_targets
-        elapsed = time.perf_counter() - window["start"]
+            micro_batches = next(steps)  # prepared on the CPU while the GPU works on this step
         done = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss / n_targets:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}")
-        if done % args.log_every == 0 or done == max_steps:
-            log({"step": done, "loss": window["loss"] / window["targets"], "lr": lr,
-                 "tokens_per_s": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"]})
-            window = {"loss": 0.0, "targets": 0, "tokens": 0, "padded": 0, "start": time.perf_counter()}
-        if done % args.eval_every == 0:
-            value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
-            log({"step": done, "eval_loss": value})
-            bar.write(f"step {done}: eval loss {value:.4f}")
         stopping = stop.requested
         if world > 1:
             flag = torch.tensor(float(stopping), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = bool(flag.item())
-        if done % args.save_every == 0 or done == max_steps or stopping:
+        saving = done % args.save_every == 0 or done == max_steps or stopping
+        if done % args.log_every == 0 or saving:
+            loss = window["loss"].item() / window["targets"]  # waits for the GPU
+            if not math.isfinite(loss):
+                raise UserError(f"the loss became {loss} by step {done}; stopped without saving, so "
+                                f"{checkpoint_path} holds the last good state. Try a lower --lr.")
+            elapsed = time.perf_counter() - window["start"]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}")
+        if done % args.log_every == 0 or done == max_steps:
+            log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": window["tokens"] / elapsed,
+                 "padding": 1 - window["tokens"] / window["padded"]})
+            window = new_window()
+        if done % args.eval_every == 0:
+            value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
+            log({"step": done, "eval_loss": value})
+            bar.write(f"step {done}: eval loss {value:.4f}")
+        if saving:
             save(done)
         if stopping:
             bar.close()
             if main_process:
                 print(f"stopped at step {done}: saved {checkpoint_path}; continue with --resume")
-            sys.exit(130)
+            sys.exit(EXIT_CODE)
     bar.close()
     if main_process:
         print(f"done: {checkpoint_path} (step {max_steps}); score it with: python evaluate.py --checkpoint {out}")

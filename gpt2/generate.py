@@ -1,5 +1,5 @@
-"""Batched greedy decoding with a KV cache."""
-from collections.abc import Sequence
+"""Batched greedy decoding with a KV cache, replayed as a CUDA graph on a GPU."""
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,10 +38,11 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     try:
         cache = KVCache(model.config, pad, max_len=T + max_new_tokens, dtype=dtype)
         logits = model(idx.to(device, non_blocking=True), cache=cache)  # (B, V): prefill the whole prompts
+        token = logits.argmax(dim=-1)  # (B,)
+        decode = _decoder(model, cache, token) if max_new_tokens > 1 else None
         new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token = logits.argmax(dim=-1)  # (B,)
             new[:, step] = token
             done |= token == eos_id
             for s in stops:
@@ -49,11 +50,39 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     done |= (new[:, step + 1 - len(s):step + 1] == s).all(dim=-1)
             if step + 1 == max_new_tokens or (step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and done.all()):
                 break
-            logits = model(token[:, None], cache=cache)  # (B, V): one position per row
+            token = decode(token).argmax(dim=-1)  # (B,): one position per row
     finally:
         model.train(was_training)
     rows = new[:, :step + 1].tolist()
     return [_cut_at_stop(row, eos_id, [list(s) for s in stop_sequences]) for row in rows]
+
+
+def _decoder(model: GPT, cache: KVCache, token: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """token (B,) -> next-token logits (B, V), one cached position per call.
+
+    Each step is the same ~15 small kernels per layer on the same shapes, so on a GPU the time goes to launching
+    them from Python rather than to running them. There the step is recorded once as a CUDA graph and replayed:
+    one launch per token. A graph replays fixed memory, hence the static input buffer; the KV cache's state is
+    on the device (KVCache), so replays advance it. On a CPU the step simply runs."""
+    if token.device.type != "cuda":
+        return lambda t: model(t[:, None], cache=cache)
+    static_token = token[:, None].clone()  # (B, 1)
+    length = cache.length.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # a warm-up run first, off the main stream, as CUDA graphs require
+        model(static_token, cache=cache)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = model(static_token, cache=cache)
+    cache.length.copy_(length)  # the warm-up (not the recording) advanced the cache; its slot is rewritten
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        static_token.copy_(t[:, None])
+        graph.replay()
+        return static_logits
+    return step
 
 
 def _cut_at_stop(tokens: list[int], eos_id: int, stop_sequences: list[list[int]]) -> list[int]:

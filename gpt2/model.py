@@ -48,26 +48,35 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, so that each new token costs one position.
 
     Prompts of different lengths share a batch by left padding: row b's first `pad[b]` positions are padding.
-    Buffers are allocated once at full size; `length` positions are filled.
+    The buffers are allocated once at full size, and attention always reads all `max_len` slots, masking the ones
+    not filled yet. `length` (how many slots are filled) lives on the device. So a decoding step has the same
+    shapes every time and keeps no state in Python: on a GPU it can be recorded once as a CUDA graph and replayed
+    for every new token (see generate.py).
     """
 
     def __init__(self, config: GPTConfig, pad: torch.Tensor, max_len: int, dtype: torch.dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, len(pad), config.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
-        self.k = torch.empty(shape, device=pad.device, dtype=dtype)
-        self.v = torch.empty(shape, device=pad.device, dtype=dtype)
+        # Zeros, not empty: a masked slot gets attention weight 0, and 0 x (NaN left in fresh memory) is NaN.
+        self.k = torch.zeros(shape, device=pad.device, dtype=dtype)
+        self.v = torch.zeros(shape, device=pad.device, dtype=dtype)
         self.pad = pad  # (B,) number of padding positions on the left of each row
-        self.length = 0
+        self.length = torch.zeros((), dtype=torch.long, device=pad.device)  # slots filled so far
+        self.slots = torch.arange(max_len, device=pad.device)  # (max_len,)
+
+    def next_slots(self, T: int) -> torch.Tensor:
+        """The slots the next T tokens go into, (T,)."""
+        return self.length + self.slots[:T]
 
     def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids (B, T) of the next T tokens, and which cached keys each may attend to (B, 1, T, length+T)."""
-        query = torch.arange(self.length, self.length + T, device=self.pad.device)  # absolute slot of each query
-        key = torch.arange(self.length + T, device=self.pad.device)
+        """Position ids (B, T) of the next T tokens, and which slots each may attend to (B, 1, T, max_len)."""
+        query = self.next_slots(T)  # (T,) the slot of each query
+        key = self.slots  # (max_len,)
         positions = (query[None, :] - self.pad[:, None]).clamp(min=0)  # a row's first real token is position 0
-        causal = key[None, :] <= query[:, None]  # (T, length+T)
-        real = key[None, :] >= self.pad[:, None]  # (B, length+T): padding keys are never attended to...
+        causal = key[None, :] <= query[:, None]  # (T, max_len): filled slots up to the query's own
+        real = key[None, :] >= self.pad[:, None]  # (B, max_len): padding keys are never attended to...
         itself = key[None, :] == query[:, None]  # ...except by padding queries, to themselves, so no row is empty
-        mask = causal[None] & (real[:, None, :] | itself[None])  # (B, T, length+T)
+        mask = causal[None] & (real[:, None, :] | itself[None])  # (B, T, max_len)
         return positions, mask[:, None]
 
 
@@ -92,11 +101,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            end = cache.length + T
-            cache.k[layer, :, :, cache.length:end] = k
-            cache.v[layer, :, :, cache.length:end] = v
-            y = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end],
-                                               attn_mask=mask)
+            slots = cache.next_slots(T)
+            cache.k[layer].index_copy_(2, slots, k)  # (B, nh, max_len, hs) <- this call's keys at their slots
+            cache.v[layer].index_copy_(2, slots, v)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -187,7 +195,7 @@ class GPT(nn.Module):
             x = block(x, cache, layer, mask)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
-            cache.length += T
+            cache.length.add_(T)  # in place: a recorded CUDA graph advances it on every replay
             return self.lm_head(x[:, -1])  # (B, V)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)

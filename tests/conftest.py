@@ -7,7 +7,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"  # offline machines: the dev set and tiktoken's files lie here
+# Offline machines keep the dev set and tiktoken's files in ../shared; $GPT2_LORA_SHARED names another such folder
+# (the GPU check copies them into .gpu/, since only the repository travels to the GPU machine).
+SHARED = Path(os.environ.get("GPT2_LORA_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))

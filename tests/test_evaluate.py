@@ -6,10 +6,13 @@ import torch
 
 import evaluate
 import train
+from finetune.answer import answer, clean_answer, official_answer
+from finetune.model import load_answerer
 from conftest import DEV_FILE
 from data.metrics import seed_subset_indices
 from data.squad import SquadExample, load_squad_file
 from gpt2 import GPT, UserError, preset
+from lora import load_adapter
 
 DEV = load_squad_file(DEV_FILE)
 
@@ -18,15 +21,15 @@ def test_batched_answers_equal_one_by_one():
     torch.manual_seed(0)
     model = GPT(preset("gpt2-tiny")).eval()
     questions = DEV[:7]
-    batched = evaluate.answer(model, questions, batch_size=4, max_new_tokens=6, progress=False)
-    assert batched == [evaluate.answer(model, [q], 1, 6, progress=False)[0] for q in questions]
+    batched = answer(model, questions, batch_size=4, max_new_tokens=6, progress=False)
+    assert batched == [answer(model, [q], 1, 6, progress=False)[0] for q in questions]
     assert any(batched)
 
 
 def test_answer_rules():
-    assert evaluate.clean_answer(" Paris\n\nANSWER:\nLondon") == "Paris"
-    assert evaluate.clean_answer("Cannot Find Answer") == "Cannot Find Answer"
-    assert evaluate.official_answer("Cannot Find Answer") == "" and evaluate.official_answer("Paris") == "Paris"
+    assert clean_answer(" Paris\n\nANSWER:\nLondon") == "Paris"
+    assert clean_answer("Cannot Find Answer") == "Cannot Find Answer"
+    assert official_answer("Cannot Find Answer") == "" and official_answer("Paris") == "Paris"
 
 
 def write(path, predictions):
@@ -84,6 +87,6 @@ def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
     assert "Winograd" in capsys.readouterr().out
     evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--context", "Paris is in France.", "--question",
                    "Where is Paris?", "--max-new-tokens", "5"])
-    model = evaluate.load_answerer(evaluate.load_adapter(run / "checkpoint.pt"), None, torch.device("cpu"))
-    expected = evaluate.answer(model, [SquadExample("q", "Paris is in France.", "Where is Paris?", [])], 1, 5, False)
+    model = load_answerer(load_adapter(run / "checkpoint.pt"), None, torch.device("cpu"), torch.float32)
+    expected = answer(model, [SquadExample("q", "Paris is in France.", "Where is Paris?", [])], 1, 5, False)
     assert capsys.readouterr().out == expected[0] + "\n"

@@ -16,7 +16,9 @@ from data.batching import collate
 from data.prompts import training_sequences
 from data.squad import load_squad_file
 from gpt2 import UserError
-from lora import load_adapter, lora_layers
+from finetune.model import build_model
+from finetune.step import train_step
+from lora import LoRAConfig, load_adapter, lora_layers
 
 
 def tiny_args(data_file, out, *extra):
@@ -29,17 +31,17 @@ def adapter(out):
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(short_dev_file):
-    args = train.parse_args(tiny_args(short_dev_file, "unused", "--lora-dropout", "0", "--base-dropout", "0"))
+    config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
     sequences, _ = training_sequences(load_squad_file(short_dev_file)[:6], 1024, True, "all", seed=0)
     results = []
     for split in ([sequences], [sequences[:1], sequences[1:4], sequences[4:]]):  # uneven micro-batches on purpose
         torch.manual_seed(0)
-        model = train.build_model(args, torch.device("cpu"), None)
+        model = build_model("gpt2-tiny", "random", 0, 0.0, config, torch.device("cpu"), torch.float32)
         with torch.no_grad():
-            for layer in lora_layers(model):  # B = 0 would leave A without gradient
-                layer.lora_B.copy_(torch.full_like(layer.lora_B, 0.01))
+            for layer in lora_layers(model):  # B = 0 would leave A without gradient; random, as LayerNorm
+                layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.01)  # cancels constant changes
         sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)  # update = -gradient
-        train.train_step(model, [collate(part) for part in split], sgd, None, None, clip=1e9,
+        train_step(model, [collate(part) for part in split], sgd, None, torch.float32, clip=1e9,
                          device=torch.device("cpu"))
         results.append({k: v for k, v in model.state_dict().items() if "lora_" in k})
     for key, value in results[0].items():

@@ -1,0 +1,39 @@
+"""The model a run trains, and the model that answers.
+
+Training: the frozen base is stored in half precision on the GPU. Autocast would otherwise cast every fp32 weight
+again at every forward pass (it caches casts only for leaves that require grad), and keep fp32 copies besides.
+A and B stay fp32.
+
+Answering: the adapter is merged into the weights in fp32, then the model is cast once, so the merged weights are
+rounded once and answering costs exactly what the base model costs.
+"""
+from dataclasses import asdict
+
+import torch
+
+from gpt2 import GPT, load_model
+from lora import LoRAConfig, apply_adapter, apply_lora, merge_lora
+
+
+def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoRAConfig, device: torch.device,
+                dtype: torch.dtype) -> GPT:
+    """The base model (pretrained, or GPT-2's random init drawn from `seed`) with LoRA in it, on `device`."""
+    gpt = load_model(model, init, seed=seed, dropout=base_dropout)
+    apply_lora(gpt, **asdict(lora))
+    for p in gpt.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return gpt.to(device)
+
+
+def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The base named in the checkpoint (or `model_name`) with the adapter merged in, in `dtype`, for answering.
+    Without a checkpoint, the base model alone."""
+    if checkpoint is None:
+        model = load_model(model_name)
+    else:
+        base = checkpoint["base"]
+        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
+        apply_adapter(model, checkpoint)
+        merge_lora(model)
+    return model.to(device, dtype).eval()
