@@ -29,7 +29,8 @@ def hub_file(repo_id: str, filename: str, needed: Sequence[str]) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError:  # offline (or the Hub unreachable) and not cached
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the connection attempts)")
         raise UserError(
             f"{filename} of {repo_id} is not in the Hugging Face cache and {why}. On a machine with network run "
             f"`hf download {repo_id} {' '.join(needed)} --local-dir DIR` (or download them from "

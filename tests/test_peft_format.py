@@ -170,11 +170,13 @@ def test_peft_adapter_imported_gives_peft_logits(hf_base, tmp_path, options):
 
 
 def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):
+    """Exported and imported again, onto a base given explicitly (evaluate.py's --model) rather than the one the
+    adapter names (which would be a Hub download)."""
     _, base_dir = hf_base
     ours = apply_lora(from_pretrained(str(base_dir)), **asdict(QV_RS))
     randomize(ours, seed=2)
-    save_peft_adapter(tmp_path, ours, QV_RS, str(base_dir))
-    assert rel_err(logits(load_adapted_model(str(tmp_path))), logits(ours)) < 1e-6
+    save_peft_adapter(tmp_path, ours, QV_RS, "someone/not-to-be-downloaded")
+    assert rel_err(logits(load_adapted_model(str(tmp_path), str(base_dir))), logits(ours)) < 1e-6
 
 
 @pytest.fixture(scope="module")
