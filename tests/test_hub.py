@@ -105,7 +105,7 @@ def test_any_gpt2_repo_loads_through_the_hub_and_then_from_the_cache(hub, base, 
     model = from_pretrained("someone/tiny-gpt2")
     with torch.no_grad():
         assert torch.equal(model(IDX), from_pretrained(str(base_dir))(IDX))
-    assert ("GET", f"/someone/tiny-gpt2/resolve/main/model.safetensors") in hub.requests
+    assert ("GET", "/someone/tiny-gpt2/resolve/main/model.safetensors") in hub.requests
     hub.requests.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: the cache serves it, no request made
     assert from_pretrained("someone/tiny-gpt2").config.n_layer == 2 and hub.requests == []
