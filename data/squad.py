@@ -5,7 +5,6 @@ Official format: {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "
 """
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -63,9 +62,8 @@ def load_squad_file(path: str | os.PathLike) -> list[SquadExample]:
 
 
 def load_squad_hub(split: str) -> list[SquadExample]:
-    """The split from the Hub via `datasets` (cached after the first download)."""
-    if not _hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once, or use a cached copy, rather than retry for a minute
+    """The split from the Hub via `datasets` (cached after the first download; with HF_HUB_OFFLINE=1 the cached
+    copy only)."""
     try:
         import datasets  # only here: local-file runs need no `datasets`
     except ImportError:
@@ -74,16 +72,8 @@ def load_squad_hub(split: str) -> list[SquadExample]:
     try:
         rows = datasets.load_dataset(HUB_DATASET, split=HUB_SPLITS[split])
     except Exception as e:  # datasets raises many kinds: connection, cache, offline mode
+        offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (without network, HF_HUB_OFFLINE=1 fails at once)"
         raise UserError(f"could not load {HUB_DATASET} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-                        f"{OFFLINE_HELP}") from None
+                        f"{OFFLINE_HELP}{offline}") from None
     return [SquadExample(r["id"], r["context"], r["question"], list(r["answers"]["text"])) for r in rows]
 
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
-        return True  # only the proxy knows
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False

@@ -2,8 +2,8 @@
 from .errors import UserError
 from .generate import generate
 from .model import GPT, PRESETS, GPTConfig, KVCache, preset
-from .pretrained import load_model
+from .pretrained import from_pretrained, load_model, save_pretrained
 from .tokenizer import EOS_ID, get_tokenizer
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "preset", "load_model", "generate", "get_tokenizer", "EOS_ID",
-           "UserError"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "preset", "load_model", "from_pretrained", "save_pretrained",
+           "generate", "get_tokenizer", "EOS_ID", "UserError"]

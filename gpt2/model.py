@@ -156,12 +156,6 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dropout: float = 0.0) -> "GPT":
-        """Official weights: a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local checkpoint path."""
-        from .pretrained import from_pretrained  # pretrained.py builds on this module, so import it late
-        return from_pretrained(name_or_path, dropout)
-
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -1,8 +1,12 @@
-"""A reader for the safetensors format, the Hugging Face Hub's checkpoint file, in torch alone.
+"""Reading and writing the safetensors format, the Hugging Face Hub's checkpoint file, in torch alone.
 
 Layout: 8 bytes little-endian header length N, then N bytes of JSON
-`{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`,
+`{"__metadata__": {...}, name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...}`,
 then the raw little-endian tensor bytes; offsets count from the end of the header.
+
+The writer lays a file out as the `safetensors` library does, byte for byte: tensors sorted by dtype (the
+library's order, 8-byte types first) then by name, so that every tensor starts at a multiple of its item size;
+the header padded with spaces to a multiple of 8 bytes, so that the data starts 8-byte aligned too.
 """
 import json
 import math
@@ -12,12 +16,13 @@ import os
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+DTYPES = {  # in the order the library writes them
+    "I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16,
+    "F16": torch.float16, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -61,3 +66,32 @@ def _copy_tensor(buf: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype, s
         return torch.empty(shape, dtype=dtype)
     view = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)  # no copy: the file's bytes
     return view.view(dtype).reshape(shape).clone()  # the view dies here, so the map can be closed
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (any device; copied to the CPU) and optional string `metadata`, atomically."""
+    order = sorted(tensors, key=lambda name: (list(DTYPES).index(_dtype_name(name, tensors[name])), name))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    data, offset = [], 0
+    for name in order:
+        t = tensors[name].detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        data.append(t)
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # JSON allows trailing spaces; the data starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for t in data:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as they lie in memory (little-endian)
+
+
+def _dtype_name(name: str, t: torch.Tensor) -> str:
+    if t.dtype not in DTYPE_NAMES:
+        raise ValueError(f"tensor {name} has the dtype {t.dtype}, which this writer does not store")
+    return DTYPE_NAMES[t.dtype]

@@ -11,14 +11,14 @@ fp32 numbers (589,824 x 4 bytes, about 2.4 MB; tests/test_lora.py checks the fil
 500 MB for a full copy of GPT-2.
 """
 import os
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from gpt2.errors import UserError
-from gpt2.files import atomic_write
-
+from .errors import LoRAError
 from .inject import LoRAConfig, apply_lora
 
 FORMAT = "gpt2-lora/1"
@@ -38,7 +38,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise UserError(f"the adapter does not fit this model's LoRA layers: {len(missing)} missing {missing[:2]}, "
+        raise LoRAError(f"the adapter does not fit this model's LoRA layers: {len(missing)} missing {missing[:2]}, "
                         f"{len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of another shape {wrong[:2]}")
     model.load_state_dict(state, strict=False)
 
@@ -47,21 +47,37 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, lora_config: LoRACon
     """Write the adapter checkpoint atomically; `extra` adds keys (a training run's state)."""
     checkpoint = {"format": FORMAT, "lora_config": asdict(lora_config), "base": base,
                   "adapter": lora_state_dict(model), **extra}
-    with atomic_write(path) as f:
-        torch.save(checkpoint, f)
+    _atomic_save(checkpoint, path)
+
+
+def _atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, then rename it over `path`: a crash or Ctrl-C while
+    writing leaves the previous checkpoint intact (a rename within a directory is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def load_adapter(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by save_adapter (onto the CPU)."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: give a train.py --out directory or its checkpoint.pt")
+        raise LoRAError(f"no checkpoint at {path}: give a train.py --out directory or its checkpoint.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated") \
+        raise LoRAError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated") \
             from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise UserError(f"{path} is not an adapter checkpoint of this project (format {FORMAT})")
+        raise LoRAError(f"{path} is not an adapter checkpoint of this project (format {FORMAT})")
     return checkpoint
 
 
@@ -70,7 +86,7 @@ def apply_adapter(model: nn.Module, checkpoint: dict) -> LoRAConfig:
     trained_on = {k: checkpoint["base"]["config"][k] for k in BASE_SHAPE_KEYS}
     this = {k: getattr(model.config, k) for k in BASE_SHAPE_KEYS}
     if trained_on != this:
-        raise UserError(f"the adapter was trained on {checkpoint['base']['model']} {trained_on}, but the base model "
+        raise LoRAError(f"the adapter was trained on {checkpoint['base']['model']} {trained_on}, but the base model "
                         f"given has {this}: load the base it was trained on")
     config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
     apply_lora(model, **asdict(config))

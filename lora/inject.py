@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from gpt2.errors import UserError
-
+from .errors import LoRAError
 from .layer import LoRALinear
 
 VALID_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -40,18 +39,18 @@ def apply_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, dropout: flo
     else. Returns the model. The arguments are LoRAConfig's fields: `apply_lora(model, **asdict(config))`."""
     unknown = [t for t in targets if t not in VALID_TARGETS]
     if unknown or not targets:
-        raise UserError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")
+        raise LoRAError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")
     parts = None
     if qkv:
         if set(qkv) - set("qkv") or len(set(qkv)) != len(qkv):
-            raise UserError(f"--qkv {qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+            raise LoRAError(f"--qkv {qkv!r}: use some of the letters q, k, v once each, e.g. qv")
         if not any(t.endswith("c_attn") for t in targets):
-            raise UserError("--qkv selects parts of c_attn: add c_attn to the targets")
+            raise LoRAError("--qkv selects parts of c_attn: add c_attn to the targets")
         parts = tuple(p in qkv for p in "qkv")
     wanted = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets)]
     if not wanted:
-        raise UserError(f"no module of this model matches the LoRA targets {tuple(targets)}")
+        raise LoRAError(f"no module of this model matches the LoRA targets {tuple(targets)}")
     for name, linear in wanted:
         parent_name, _, child = name.rpartition(".")
         lora = LoRALinear.from_linear(linear, rank, alpha, dropout, rank_stabilized,

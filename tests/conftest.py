@@ -20,8 +20,7 @@ def _dev_file() -> Path:
     if (SHARED / "squad_v2" / "dev-v2.0.json").is_file():
         return SHARED / "squad_v2" / "dev-v2.0.json"
     from gpt2.files import atomic_write
-    from gpt2.pretrained import cache_dir
-    path = cache_dir() / "dev-v2.0.json"
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora" / "dev-v2.0.json"
     if not path.is_file():
         import urllib.request
         with urllib.request.urlopen("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json") as r, \

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
-from gpt2 import GPT, UserError, preset
-from lora import (LoRAConfig, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers, lora_state_dict,
-                  merge_lora, parameter_report, save_adapter, unmerge_lora)
+from gpt2 import GPT, from_pretrained, preset
+from lora import (LoRAConfig, LoRAError, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers,
+                  lora_state_dict, merge_lora, parameter_report, save_adapter, unmerge_lora)
 
 SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))  # the seed notebook's (dropout off)
 SEED_CONFIG = LoRAConfig(**SEED)
@@ -100,7 +100,7 @@ def test_seed_config_on_gpt2_124M_trains_589824_parameters():
 def test_same_logits_and_gradients_as_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     hf = random_hf_gpt2(**TINY_SHAPE)
-    ours = apply_lora(GPT.from_pretrained(str(save_hub_layout(hf, tmp_path))), **SEED).train()
+    ours = apply_lora(from_pretrained(str(save_hub_layout(hf, tmp_path))), **SEED).train()
     randomize_adapters(ours)
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
                                          target_modules=["c_attn", "c_proj", "c_fc"])).train()
@@ -159,7 +159,7 @@ def test_qkv_option_adapts_only_the_chosen_parts_of_c_attn():
     (dict(qkv="qx"), "letters q, k, v"),
 ])
 def test_bad_lora_configs_are_clear_errors(options, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(LoRAError, match=message):
         apply_lora(tiny_model(), **options)
 
 
@@ -189,13 +189,13 @@ def test_adapter_refuses_another_base_or_another_rank(tmp_path):
     save_adapter(tmp_path / "a.pt", model, SEED_CONFIG, {"model": "gpt2-tiny", "config": vars(model.config)})
     checkpoint = load_adapter(tmp_path / "a.pt")
     bigger = GPT(preset("gpt2-tiny").__class__(n_layer=3, n_head=4, n_embd=64))
-    with pytest.raises(UserError, match="trained on gpt2-tiny"):
+    with pytest.raises(LoRAError, match="trained on gpt2-tiny"):
         apply_adapter(bigger, checkpoint)
     checkpoint["lora_config"]["rank"] = 8
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(LoRAError, match="does not fit"):
         apply_adapter(tiny_model(), checkpoint)
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(LoRAError, match="no checkpoint"):
         load_adapter(tmp_path / "missing.pt")
     (tmp_path / "broken.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:1000])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(LoRAError, match="not a readable checkpoint"):
         load_adapter(tmp_path / "broken.pt")

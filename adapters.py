@@ -1,0 +1,103 @@
+"""Adapters on disk in both formats, and the adapted model built from either.
+
+- A train.py run directory: `checkpoint.pt`, this project's format (the adapter, how to rebuild the base, and the
+  training state for --resume), and `adapter/`, the same adapter in PEFT's format, for everyone else.
+- A PEFT adapter directory, local or a Hub repository: `adapter_config.json` + `adapter_model.safetensors`
+  (see lora/peft_format.py), its base named by `base_model_name_or_path`.
+
+    save_peft_adapter(run / "adapter", model, lora_config, "gpt2")   # ours -> PEFT
+    model = load_adapted_model("user/gpt2-squad-lora")               # PEFT (or ours) -> a GPT with LoRA layers
+"""
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gpt2 import GPT, GPTConfig, UserError, load_model
+from gpt2.files import atomic_write
+from gpt2.hub import hub_file, is_repo_id
+from gpt2.safetensors import load_safetensors, save_safetensors
+from lora import LoRAConfig, apply_adapter, apply_lora, apply_peft, load_adapter, lora_state_dict, to_peft
+from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
+
+CHECKPOINT = "checkpoint.pt"
+ADAPTER_DIR = "adapter"  # the PEFT copy inside a run directory
+PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+def save_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, lora_config: LoRAConfig,
+                      base_model_name_or_path: str) -> Path:
+    """Write `model`'s adapter as PEFT's save_pretrained does: adapter_model.safetensors, adapter_config.json.
+    Each file is written atomically; the weights first, so a reader never sees a config without them."""
+    config, tensors = to_peft(model, lora_config, base_model_name_or_path)
+    directory = Path(directory)
+    save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    with atomic_write(directory / CONFIG_NAME, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return directory
+
+
+def export_run_to_peft(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """The adapter of a train.py run (its directory or checkpoint.pt) as a PEFT adapter directory. The base's
+    weights play no part, so the model is built on the meta device (no memory, no download) and only the adapter
+    gets real tensors."""
+    checkpoint_path = Path(run) / CHECKPOINT if Path(run).is_dir() else Path(run)
+    checkpoint = load_adapter(checkpoint_path)
+    lora_config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**checkpoint["base"]["config"]))
+        apply_lora(model, **asdict(lora_config))
+    if set(lora_state_dict(model)) != set(checkpoint["adapter"]):
+        raise UserError(f"{checkpoint_path}: the adapter's tensors do not match its LoRA settings; the file is "
+                        f"damaged")
+    model.load_state_dict(checkpoint["adapter"], strict=False, assign=True)
+    return save_peft_adapter(directory, model, lora_config, checkpoint["base"]["model"])
+
+
+def read_peft_adapter(dir_or_repo_id: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json (as a dict) and the tensors of adapter_model.safetensors, from a local directory or a
+    Hub repository (downloaded once into the Hugging Face cache)."""
+    if os.path.isdir(dir_or_repo_id):
+        directory = Path(dir_or_repo_id)
+        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_file.is_file():
+            raise UserError(f"{directory} holds neither {CHECKPOINT} (a train.py run) nor {CONFIG_NAME} (a PEFT "
+                            f"adapter)")
+        if not weights_file.is_file():
+            old = " (only the pickled adapter_model.bin: re-save it with PEFT's default safe_serialization=True)" \
+                if (directory / "adapter_model.bin").is_file() else ""
+            raise UserError(f"no {WEIGHTS_NAME} in {directory}{old}")
+    elif is_repo_id(dir_or_repo_id):
+        config_file = hub_file(dir_or_repo_id, CONFIG_NAME, PEFT_FILES)
+        weights_file = hub_file(dir_or_repo_id, WEIGHTS_NAME, PEFT_FILES)
+    else:
+        raise UserError(f"{dir_or_repo_id!r} is neither a directory nor a Hub repository id")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise UserError(f"{config_file} is not valid JSON ({e})") from None
+    return config, load_safetensors(weights_file)
+
+
+def load_adapted_model(checkpoint: str, model_name: str | None = None) -> GPT:
+    """The base model with the adapter's LoRA layers (fp32, on the CPU, not merged), from
+    - a train.py run directory or its checkpoint.pt: the base it was trained on (name, init, seed);
+    - a PEFT adapter directory or a Hub repository id of one: the base its base_model_name_or_path names.
+    `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter."""
+    path = Path(checkpoint)
+    if path.is_file() or (path / CHECKPOINT).is_file():
+        run = load_adapter(path if path.is_file() else path / CHECKPOINT)
+        base = run["base"]
+        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
+        apply_adapter(model, run)
+        return model
+    peft_config, tensors = read_peft_adapter(checkpoint)
+    base_name = model_name or peft_config.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
+                        f"--model")
+    model = load_model(base_name)
+    apply_peft(model, peft_config, tensors)
+    return model
