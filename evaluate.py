@@ -25,7 +25,6 @@ from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import load_adapter
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -34,9 +33,10 @@ WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too sma
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train.py --out directory, or its checkpoint.pt")
-    p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
-                   "--checkpoint, answer with this model unadapted")
+    p.add_argument("--checkpoint", help="a train.py --out directory (or its checkpoint.pt), a PEFT adapter "
+                   "directory, or the Hub repository id of one")
+    p.add_argument("--model", help="the base model, a Hub repository id or a local path (default: the run's own "
+                   "base, or the adapter's base_model_name_or_path); without --checkpoint, answer with it unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
     p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
     p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
@@ -114,7 +114,7 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
 def metrics_path(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    if args.checkpoint:
+    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
         run = Path(args.checkpoint)
         return (run if run.is_dir() else run.parent) / "metrics.json"
     return Path("metrics.json")
@@ -124,13 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_precision(args.precision, device)
-    checkpoint = None
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
 
     if args.context is not None:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(predictions, dict):
             raise UserError(f"{args.predictions} must map question ids to answer strings")
     else:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

@@ -8,8 +8,9 @@ Hub's data and weights:
     python train.py --model gpt2-tiny --init random --train-file dev-v2.0.json --max-steps 6   # CPU smoke run
     torchrun --nproc_per_node=4 train.py ...                    # data parallel over 4 GPUs
 
-Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation) and
-checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues.
+Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
+checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues, and
+adapter/ (the same adapter in PEFT's format, for transformers + PEFT users).
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
 from data.squad import load_split
+from finetune.adapters import ADAPTER_DIR, CHECKPOINT, save_peft_adapter
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.signals import EXIT_CODE, StopRequest
@@ -37,8 +39,6 @@ from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
 from lora import LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
                          precision=precision_name(dtype),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states)
+            save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
 
     def log(record: dict) -> None:
         if main_process:

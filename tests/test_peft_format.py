@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
+from finetune.adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
 from conftest import ROOT, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, GPTConfig, from_pretrained, save_pretrained
 from gpt2.safetensors import load_safetensors, save_safetensors
