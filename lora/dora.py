@@ -65,8 +65,9 @@ class DoRALinear(LoRALinear):
             dropped = self.lora_dropout(x)
             frozen_dropped = F.linear(dropped, self.weight)  # dropout(x) @ W.T
         low_rank = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.full_B())  # (..., out)
-        y = frozen + (rescale - 1) * frozen_dropped + rescale * low_rank
-        return y if self.bias is None else y + self.bias
+        y = frozen + (rescale - 1) * frozen_dropped + rescale * low_rank  # fp32: m / n - 1 is small, keep its bits
+        y = y if self.bias is None else y + self.bias
+        return y.to(frozen.dtype)  # under autocast, the dtype plain LoRA's layer gives (bf16), not fp32
 
     @torch.no_grad()
     def merge(self) -> None:

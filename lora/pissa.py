@@ -70,12 +70,12 @@ def pissa_to_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 @torch.no_grad()
 def lora_to_pissa(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of pissa_to_lora, to resume training: the state with A, B of rank r again. Where the file's
-    A0, B0 differ from this model's own SVD (another machine's library may flip the sign of a singular vector),
+    A0, B0 differ from this model's own SVD (another machine's library may round it differently),
     W_res is first moved to the file's residual, W - s B0 A0. The state must have pissa_to_lora's keys and shapes."""
     state = dict(state)
     for name, layer in pissa_layers(model).items():
         A_all, B_all, r = state[f"{name}.lora_A"], state[f"{name}.lora_B"], layer.rank
-        A0, B0 = A_all[r:], -B_all[:, r:]
+        A0, B0 = A_all[r:].to(layer.initial_A.device), -B_all[:, r:].to(layer.initial_B.device)  # a CPU file
         if not (torch.equal(A0, layer.initial_A) and torch.equal(B0, layer.initial_B)):
             original = layer.weight.float() + layer.scaling * (layer.initial_B @ layer.initial_A)
             layer.weight.copy_(original - layer.scaling * (B0 @ A0))

@@ -131,6 +131,25 @@ def test_dora_starts_at_the_base_model_and_merges_exactly():
             torch.testing.assert_close(v, pretrained[k], rtol=0, atol=1e-6)
 
 
+def test_dora_trains_on_a_half_precision_base_like_lora():
+    """train.py stores the frozen base in bf16 and runs under autocast: a DoRA layer must hand the next layer the
+    dtype a LoRA layer does (bf16, not fp32, which LayerNorm's bf16 parameters would refuse) and stay within bf16
+    rounding of the fp32 model, and m must get gradients."""
+    model = apply_lora(tiny_model(), **SEED, dora=True).train()
+    randomize(model)
+    with torch.no_grad():
+        exact = model(IDX)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.transformer.h[0].mlp.c_fc(torch.randn(3, 64)).dtype == torch.bfloat16
+        logits = model(IDX)
+    assert rel_err(logits.float(), exact) < 0.05
+    loss(logits.float()).backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "magnitude" in n)
+
+
 def test_dora_checkpoint_carries_the_magnitudes(tmp_path):
     model = apply_lora(tiny_model(), **SEED, dora=True)
     randomize(model)
@@ -147,8 +166,9 @@ def test_dora_checkpoint_carries_the_magnitudes(tmp_path):
 # PiSSA
 
 def test_pissa_init_equals_pefts_and_the_model_starts_at_the_base(tmp_path):
-    """PEFT >= 0.13 transposes GPT-2's Conv1D weight before the SVD (the fix for its issue #2103), so we compare with
-    PEFT on GPT-2 itself. Singular vectors are defined up to sign, so compare s B A, and the residual W."""
+    """The PEFT installed here transposes GPT-2's Conv1D weight before its SVD (`transpose(weight, fan_in_fan_out)`
+    in pissa_init: its issue #2103 is fixed), so we compare with PEFT on GPT-2 itself; an SVD of the (in, out)
+    layout would fail this test. Singular vectors are defined up to sign: compare s B A, and the residual W."""
     ours, peft = peft_gpt2(tmp_path, init_lora_weights="pissa")
     base = copy.deepcopy(ours)
     apply_lora(ours, **SEED, init="pissa")
@@ -176,7 +196,8 @@ def train_a_few_steps(model, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(dora=True), dict(rank_stabilized=True)])
+@pytest.mark.parametrize("variant", [dict(), dict(dora=True), dict(rank_stabilized=True),
+                                     dict(dora=True, rank_stabilized=True)])
 def test_saved_pissa_adapter_applies_to_the_original_base(tmp_path, variant):
     config = LoRAConfig(**SEED, init="pissa", **variant)
     model = apply_lora(tiny_model(), **asdict(config))
@@ -239,17 +260,21 @@ def test_loraplus_groups_equal_pefts(tmp_path):
 # The configuration
 
 def test_trainable_parameters_of_each_variant_on_gpt2_124M():
-    """The README's table: LoRA, rsLoRA, LoRA+ and PiSSA train A and B; DoRA adds one m per output row."""
-    counts = {}
-    for name, options in {"lora": {}, "dora": dict(dora=True)}.items():
+    """The README's table, with PEFT's counts (get_nb_trainable_parameters) as the oracle: LoRA, rsLoRA, LoRA+ and
+    PiSSA train A and B; DoRA adds one magnitude per output row. Both models live on the meta device."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    for options in (dict(), dict(dora=True)):
         with torch.device("meta"):
-            model = apply_lora(GPT(preset("gpt2")), **SEED, **options)
-        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if name == "dora":
-            print(parameter_report(model))
-    out_features = sum(layer.out_features for layer in lora_layers(model))
-    assert counts["lora"] == 12 * 4 * ((768 + 3 * 768) + (768 + 768) + (768 + 4 * 768) + (4 * 768 + 768))
-    assert counts["dora"] == counts["lora"] + out_features == counts["lora"] + 12 * (3 * 768 + 768 + 4 * 768 + 768)
+            ours = apply_lora(GPT(preset("gpt2")), **SEED, **options)
+            hf = GPT2LMHeadModel(GPT2Config())
+        peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=bool(options),
+                                             target_modules=["c_attn", "c_proj", "c_fc"]))
+        trainable, total = peft.get_nb_trainable_parameters()
+        assert parameter_report(ours) == (f"trainable params: {trainable:,} || all params: {total:,} || "
+                                          f"trainable%: {100 * trainable / total:.4f}")
+        out_features = sum(layer.out_features for layer in lora_layers(ours))
+        assert trainable == 589_824 + (out_features if options else 0)
 
 
 def test_checkpoint_saved_before_the_variants_existed_still_loads(tmp_path):
