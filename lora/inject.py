@@ -46,7 +46,8 @@ def apply_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, dropout: flo
                targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"), qkv: str = "",
                rank_stabilized: bool = False, dora: bool = False, init: str = "default") -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear (a DoRALinear with dora) around the same weights, in place,
-    started as PiSSA with init="pissa"; freeze everything else. Returns the model. The arguments are LoRAConfig's fields: `apply_lora(model, **asdict(config))`."""
+    started as PiSSA with init="pissa"; freeze everything else. Returns the model. The arguments are LoRAConfig's
+    fields: `apply_lora(model, **asdict(config))`."""
     unknown = [t for t in targets if t not in VALID_TARGETS]
     if unknown or not targets:
         raise UserError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")

@@ -92,7 +92,8 @@ def test_cli_on_a_dora_adapter_without_matplotlib_says_how_to_get_it(tmp_path, c
     main([str(path), str(path)])
     out = capsys.readouterr().out
     assert "DoRA" in out and "pip install matplotlib" in out and not (tmp_path / "inspect.png").exists()
-    phi_rows = [line.split() for line in out.splitlines() if line.startswith("transformer.h.") and len(line.split()) == 3]
+    phi_rows = [line.split() for line in out.splitlines()
+                if line.startswith("transformer.h.") and len(line.split()) == 3]
     assert len(phi_rows) == 8 and all(float(v) == pytest.approx(1.0) for row in phi_rows for v in row[1:])
 
 
