@@ -38,7 +38,7 @@ from finetune.state import restore, rng_state
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
+from lora import INITS, LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"projections to adapt: {', '.join(VALID_TARGETS)}")
     g.add_argument("--qkv", default="", help="adapt only these parts of c_attn, each with its own A and B (e.g. qv)")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(rank)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train each output row's magnitude (Liu et al., 2024; lora/dora.py)")
+    g.add_argument("--lora-init", choices=INITS, default="default",
+                   help="pissa: start A, B from W's top-r singular vectors, W -> the residual (Meng et al., 2024)")
+    g.add_argument("--loraplus-ratio", type=float, metavar="λ",
+                   help="LoRA+: B's learning rate is λ times A's (Hayou et al., 2024; e.g. 16)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="directory holding train-v2.0.json and dev-v2.0.json (default: the Hub)")
     g.add_argument("--train-file", help="official-format SQuAD 2.0 JSON to train on")
@@ -92,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
+        p.error("--loraplus-ratio must be positive")
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
     for name in ("rank", "micro_batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every"):
@@ -102,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=tuple(args.targets),
-                      qkv=args.qkv, rank_stabilized=args.rslora)
+                      qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
 
 
 def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
     model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
-    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
+                               args.loraplus_ratio)
     scaler = grad_scaler(dtype)
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start_step, max_steps):
         lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
         # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
         # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
         window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)

@@ -8,7 +8,7 @@ import copy
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,8 @@ def test_writer_leaves_the_old_file_when_it_fails(tmp_path):
 
 # --- ours -> PEFT -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [FULL, QV_RS], ids=["full", "qv-rslora"])
+@pytest.mark.parametrize("config", [FULL, QV_RS, replace(FULL, dora=True), replace(FULL, init="pissa")],
+                         ids=["full", "qv-rslora", "dora", "pissa"])
 def test_exported_adapter_gives_peft_our_logits(hf_base, tmp_path, config):
     from peft import PeftModel
     hf, base_dir = hf_base
