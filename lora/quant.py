@@ -47,7 +47,7 @@ What stays in half precision. The biases, the LayerNorms and the embeddings. GPT
 embedding wte itself (tied): one (50257, C) matrix serves the embedding lookup and the logits, and the logits feed
 the loss directly. QLoRA keeps the head in 16 bits too; quantizing a tied matrix would mean changing both paths
 (gpt2/loss.py's fused head), and a separate quantized head would add a copy. The cost, in base-weight bytes:
-    gpt2    (C=768, 12 layers):  projections 84.9M weights: 169.9 MB bf16 -> 85.0 MB int8 -> 43.8 MB nf4;
+    gpt2    (C=768, 12 layers):  projections 84.9M weights: 169.9 MB bf16 -> 85.3 MB int8 -> 43.8 MB nf4;
             wte 38.6M: 77.2 MB, so after nf4 the embeddings (wte + wpe) are 64% of the base's 123 MB (0.49x of bf16).
     gpt2-xl (C=1600, 48 layers): projections 1.47B: 2.95 GB -> 1.48 GB -> 0.76 GB; wte 80.4M: 161 MB,
             so the whole base falls from 3.12 GB to 0.93 GB (0.30x).
