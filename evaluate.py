@@ -21,10 +21,12 @@ from data.metrics import bleu1, correct_references, seed_references, seed_subset
 from data.prompts import NO_ANSWER
 from data.squad import SquadExample, load_split
 from finetune.answer import answer, official_answer
+from finetune.adapters import recorded_quantization
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import UserError
 from gpt2.files import atomic_write
+from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=MODES, help="quantize the base like this (default: as the run was "
+                   "trained, see train.py --quantize); the adapter is merged into the dequantized weights")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
@@ -124,9 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_precision(args.precision, device)
+    quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
 
     if args.context is not None:
-        model = load_answerer(args.checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(predictions, dict):
             raise UserError(f"{args.predictions} must map question ids to answer strings")
     else:
-        model = load_answerer(args.checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

@@ -39,6 +39,7 @@ from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
 from lora import INITS, LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
+from lora.quant import MODES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--base-dropout", type=float, default=0.1,
                    help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
+    g.add_argument("--quantize", choices=MODES, default="none",
+                   help="store the frozen block projections in int8 (row-wise absmax, like the seed's 8-bit GPT-2) "
+                   "or QLoRA's 4-bit NF4 (lora/quant.py); embeddings, the tied head and LayerNorms stay as they are")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
     g = p.add_argument_group("LoRA")
@@ -98,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.quantize != "none" and (args.dora or args.lora_init == "pissa"):
+        p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
     if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
         p.error("--loraplus-ratio must be positive")
     if args.max_len > 1024:
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
-    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
+    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype,
+                        args.quantize)
     optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
                                args.loraplus_ratio)
     scaler = grad_scaler(dtype)
@@ -185,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train_model = DistributedDataParallel(model) if world > 1 else model
     if args.compile:
+        if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
+            torch._functorch.config.cse = False
         train_model = torch.compile(train_model)
-    base = {"model": args.model, "init": args.init, "seed": args.seed, "config": vars(model.config)}
+    base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
+            "config": vars(model.config)}
 
     def save(step: int) -> None:
         states = [rng_state(device)]

@@ -14,10 +14,10 @@ from gpt2 import UserError
 from lora import load_adapter, load_lora_state_dict, lora_state_dict
 
 # Flags added after the first runs were saved: an older checkpoint's args lack them.
-DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None}
+DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None, "quantize": "none"}
 # The settings that define a run: --resume with any of them changed would be another run.
 RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "dora", "lora_init", "loraplus_ratio",
-                "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir", "train_file")
+                "quantize", "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir", "train_file")
 
 
 def rng_state(device: torch.device) -> dict:
