@@ -25,13 +25,13 @@ from data.metrics import (best_thresholds, bleu1, correct_references, seed_refer
                           squad_v2_scores)
 from data.prompts import NO_ANSWER
 from data.squad import SquadExample, load_split
-from finetune.answer import (answer, answer_with_threshold, no_answer_probability, official_answer,
-                             trained_with_eos)
+from finetune.adapters import recorded_quantization, trained_with_eos
+from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import load_adapter
+from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -40,9 +40,10 @@ WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too sma
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train.py --out directory, or its checkpoint.pt")
-    p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
-                   "--checkpoint, answer with this model unadapted")
+    p.add_argument("--checkpoint", help="a train.py --out directory (or its checkpoint.pt), a PEFT adapter "
+                   "directory, or the Hub repository id of one")
+    p.add_argument("--model", help="the base model, a Hub repository id or a local path (default: the run's own "
+                   "base, or the adapter's base_model_name_or_path); without --checkpoint, answer with it unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
     p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
     p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=MODES, help="quantize the base like this (default: as the run was "
+                   "trained, see train.py --quantize); the adapter is merged into the dequantized weights")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
@@ -129,7 +132,7 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
 def metrics_path(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    if args.checkpoint:
+    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
         run = Path(args.checkpoint)
         return (run if run.is_dir() else run.parent) / "metrics.json"
     return Path("metrics.json")
@@ -139,13 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_precision(args.precision, device)
-    checkpoint = None
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
+    quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
 
     if args.context is not None:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(predictions, dict):
             raise UserError(f"{args.predictions} must map question ids to answer strings")
     else:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         start = time.perf_counter()
         probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
-                                              add_eos=trained_with_eos(checkpoint))
+                                              add_eos=trained_with_eos(args.checkpoint))
         na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
         na_seconds, start = time.perf_counter() - start, time.perf_counter()
         if args.na_threshold is None:
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_write(args.report, "w") as f:
             f.write(to_markdown(metrics, tables, f"Evaluation of {args.checkpoint or args.predictions or args.model}"))
     print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()

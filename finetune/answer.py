@@ -27,12 +27,6 @@ def official_answer(text: str) -> str:
     return "" if text.strip() == NO_ANSWER else text
 
 
-def trained_with_eos(checkpoint: dict | None) -> bool:
-    """Whether the adapter learned EOS after its answers (train.py without --no-eos). A checkpoint without a run's
-    arguments, or no checkpoint, gets train.py's default: yes."""
-    return not (checkpoint or {}).get("args", {}).get("no_eos", False)
-
-
 @torch.no_grad()
 def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_tokens: int,
            progress: bool = True, forbid_abstention: bool = False) -> list[str]:
