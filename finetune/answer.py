@@ -23,7 +23,7 @@ def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_to
     """Greedy answers to every question, in order. Questions are answered longest first in batches of similar
     length (little padding), then put back in order."""
     enc = get_tokenizer()
-    prompts = prompt_tokens(examples, model.config.block_size - max_new_tokens)
+    prompts = prompt_tokens(examples, model.config.block_size, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stop = [enc.encode_ordinary(ANSWER_MARKER)]
     answers = [""] * len(prompts)

@@ -12,13 +12,15 @@ from dataclasses import asdict
 import torch
 
 from gpt2 import GPT, load_model
-from lora import LoRAConfig, apply_adapter, apply_lora, merge_lora
+from lora import LoRAConfig, apply_adapter, apply_lora, base_fingerprint, merge_lora
 
 
 def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoRAConfig, device: torch.device,
                 dtype: torch.dtype) -> GPT:
-    """The base model (pretrained, or GPT-2's random init drawn from `seed`) with LoRA in it, on `device`."""
+    """The base model (pretrained, or GPT-2's random init drawn from `seed`) with LoRA in it, on `device`.
+    `.base_fingerprint` identifies the base's weights, taken as loaded (see lora.base_fingerprint)."""
     gpt = load_model(model, init, seed=seed, dropout=base_dropout)
+    gpt.base_fingerprint = base_fingerprint(gpt)
     apply_lora(gpt, **asdict(lora))
     for p in gpt.parameters():
         if not p.requires_grad:
@@ -26,14 +28,16 @@ def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoR
     return gpt.to(device)
 
 
-def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device, dtype: torch.dtype) -> GPT:
+def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
+                  strict: bool = False) -> GPT:
     """The base named in the checkpoint (or `model_name`) with the adapter merged in, in `dtype`, for answering.
-    Without a checkpoint, the base model alone."""
+    Without a checkpoint, the base model alone. A base with other weights than the adapter's own is a warning,
+    or with `strict` an error."""
     if checkpoint is None:
         model = load_model(model_name)
     else:
         base = checkpoint["base"]
         model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, checkpoint)
+        apply_adapter(model, checkpoint, strict)
         merge_lora(model)
     return model.to(device, dtype).eval()

@@ -1,5 +1,6 @@
 """LoRA from scratch: the adapted layer, putting it into a model, adapter checkpoints, and PEFT's format."""
-from .checkpoint import apply_adapter, load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
+from .checkpoint import (apply_adapter, base_fingerprint, load_adapter, load_lora_state_dict, lora_state_dict,
+                         save_adapter)
 from .errors import LoRAError
 from .inject import (LoRAConfig, VALID_TARGETS, apply_lora, lora_layers, mark_only_lora_as_trainable, merge_lora,
                      parameter_report, unmerge_lora)
@@ -8,4 +9,5 @@ from .peft_format import apply_peft, to_peft
 
 __all__ = ["LoRALinear", "LoRAConfig", "LoRAError", "VALID_TARGETS", "apply_lora", "lora_layers",
            "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "parameter_report", "lora_state_dict",
-           "load_lora_state_dict", "save_adapter", "load_adapter", "apply_adapter", "to_peft", "apply_peft"]
+           "load_lora_state_dict", "save_adapter", "load_adapter", "apply_adapter", "base_fingerprint", "to_peft",
+           "apply_peft"]
