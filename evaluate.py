@@ -31,7 +31,6 @@ from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import PRESETS, UserError
 from gpt2.files import atomic_write, check_writable_dir
 from gpt2.pretrained import HUB_MODELS
-from lora import load_adapter
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -40,9 +39,10 @@ WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too sma
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train.py --out directory, or its checkpoint.pt")
-    p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
-                   "--checkpoint, answer with this model unadapted")
+    p.add_argument("--checkpoint", help="a train.py --out directory (or its checkpoint.pt), a PEFT adapter "
+                   "directory, or the Hub repository id of one")
+    p.add_argument("--model", help="the base model, a Hub repository id or a local path (default: the run's own "
+                   "base, or the adapter's base_model_name_or_path); without --checkpoint, answer with it unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
     p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
     p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
@@ -156,7 +156,7 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
 def metrics_path(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    if args.checkpoint:
+    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
         run = Path(args.checkpoint)
         return (run if run.is_dir() else run.parent) / "metrics.json"
     return Path("metrics.json")
@@ -181,13 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.context is None:
         out = metrics_path(args)
         check_outputs([out] if args.predictions else [out, out.with_suffix(".predictions.json")], args.overwrite)
-    checkpoint = None
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
 
     if args.context is not None:
-        model = load_answerer(checkpoint, args.model, device, dtype, args.strict)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, args.strict)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -197,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.predictions:
         predictions = read_predictions(args.predictions, {ex.id for ex in all_examples}, examples)
     else:
-        model = load_answerer(checkpoint, args.model, device, dtype, args.strict)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, args.strict)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

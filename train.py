@@ -8,10 +8,11 @@ Hub's data and weights:
     python train.py --model gpt2-tiny --init random --train-file dev-v2.0.json --max-steps 6   # CPU smoke run
     torchrun --nproc_per_node=4 train.py ...                    # data parallel over 4 GPUs
 
-Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation) and
-checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues
-(`python train.py --out RUN --resume` needs no other flag: it reads the run's settings). --out must be new, empty,
-or a run directory. Ctrl-C or SIGTERM saves a checkpoint and exits; a second one quits at once.
+Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
+checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues, and
+adapter/ (the same adapter in PEFT's format, for transformers + PEFT users). `python train.py --out RUN --resume`
+needs no other flag: it reads the run's settings. --out must be new, empty, or a run directory. Ctrl-C or SIGTERM
+saves a checkpoint and exits; a second one quits at once.
 """
 import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
 import argparse
@@ -31,8 +32,8 @@ from tqdm import tqdm
 
 from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
-from data.squad import load_split
-from data.squad import examples_fingerprint
+from data.squad import examples_fingerprint, load_split
+from finetune.adapters import ADAPTER_DIR, save_peft_adapter
 from finetune.cli import at_least, given_flags, non_negative, positive, probability, resolve_device
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
@@ -42,7 +43,7 @@ from finetune.state import (ADAPTER_LIMIT, CHECKPOINT, check_adapter_sound, chec
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import LoRAConfig, VALID_TARGETS, load_adapter, parameter_report, save_adapter
+from lora import INITS, LoRAConfig, VALID_TARGETS, load_adapter, parameter_report, save_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
                    help=f"projections to adapt: {', '.join(VALID_TARGETS)}")
     g.add_argument("--qkv", default="", help="adapt only these parts of c_attn, each with its own A and B (e.g. qv)")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(rank)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train each output row's magnitude (Liu et al., 2024; lora/dora.py)")
+    g.add_argument("--lora-init", choices=INITS, default="default",
+                   help="pissa: start A, B from W's top-r singular vectors, W -> the residual (Meng et al., 2024)")
+    g.add_argument("--loraplus-ratio", type=positive, metavar="λ",
+                   help="LoRA+: B's learning rate is λ times A's (Hayou et al., 2024; e.g. 16)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="directory holding train-v2.0.json and dev-v2.0.json (default: the Hub)")
     g.add_argument("--train-file", help="official-format SQuAD 2.0 JSON to train on")
@@ -110,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
 
 def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=tuple(args.targets),
-                      qkv=args.qkv, rank_stabilized=args.rslora)
+                      qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
 
 
 def prepare_data(args: argparse.Namespace) -> tuple[list, int, list, str]:
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
     model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
-    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
+                               args.loraplus_ratio)
     scaler = grad_scaler(dtype)
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                          precision=precision_name(dtype),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states,
                          data_fingerprint=data_fingerprint)
+            save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
         last_saved = step
 
     def log(record: dict) -> None:
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start_step, max_steps):
         lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
         # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
         # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
         window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)

@@ -12,7 +12,9 @@ from dataclasses import asdict
 import torch
 
 from gpt2 import GPT, load_model
-from lora import LoRAConfig, apply_adapter, apply_lora, base_fingerprint, merge_lora
+from lora import LoRAConfig, apply_lora, base_fingerprint, merge_lora
+
+from .adapters import load_adapted_model
 
 
 def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoRAConfig, device: torch.device,
@@ -28,16 +30,11 @@ def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoR
     return gpt.to(device)
 
 
-def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
+def load_answerer(checkpoint: str | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
                   strict: bool = False) -> GPT:
-    """The base named in the checkpoint (or `model_name`) with the adapter merged in, in `dtype`, for answering.
-    Without a checkpoint, the base model alone. A base with other weights than the adapter's own is a warning,
-    or with `strict` an error."""
-    if checkpoint is None:
-        model = load_model(model_name)
-    else:
-        base = checkpoint["base"]
-        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, checkpoint, strict)
-        merge_lora(model)
+    """The model that answers, in `dtype`: the adapter of `checkpoint` (a train.py run, a PEFT adapter directory
+    or its Hub id) merged into its base (or `model_name`); without a checkpoint, the base model alone. A base with
+    other weights than the run's own is a warning, or with `strict` an error."""
+    model = load_model(model_name) if checkpoint is None else load_adapted_model(checkpoint, model_name, strict)
+    merge_lora(model)  # in fp32, before the cast: the merged weights are rounded once
     return model.to(device, dtype).eval()

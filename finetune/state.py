@@ -25,15 +25,17 @@ from gpt2 import UserError
 from gpt2.files import check_writable_dir
 from lora import load_lora_state_dict
 
-CHECKPOINT = "checkpoint.pt"
+from .adapters import ADAPTER_DIR, CHECKPOINT, PEFT_FILES
+
 RUN_FILES = ("config.json", "log.jsonl", CHECKPOINT, "metrics*.json")
-ADAPTER_DIR, ADAPTER_FILES = "adapter", ("adapter_config.json", "adapter_model.safetensors")
 TRAINING_STATE = ("args", "step", "optimizer", "scaler", "rng")
 
+# Flags added after the first runs were saved: an older checkpoint's args lack them.
+DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None}
 # The settings that define a run: --resume with any of them changed would be another run. The base model and
 # the training data are compared by their content's fingerprint, not by the path or name that gave them.
-RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "max_len", "loss_on", "no_eos", "seed",
-                "micro_batch_size", "grad_accum", "data_dir", "train_file")
+RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "dora", "lora_init", "loraplus_ratio",
+                "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir", "train_file")
 COMPARED_BY_CONTENT = ("model", "data_dir", "train_file")
 
 # The largest magnitude a saved A or B may hold. A trained adapter is a small correction to weights of order 1:
@@ -53,7 +55,7 @@ def _is_run_file(path: Path) -> bool:
     if any(_is_temporary(name, owner) for owner in ("config.json", CHECKPOINT)):
         return True
     if name == ADAPTER_DIR:
-        return path.is_dir() and all(f in ADAPTER_FILES or any(_is_temporary(f, a) for a in ADAPTER_FILES)
+        return path.is_dir() and all(f in PEFT_FILES or any(_is_temporary(f, a) for a in PEFT_FILES)
                                      for f in os.listdir(path))
     if not path.is_file() or not any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES):
         return False
@@ -99,7 +101,8 @@ def resumed_args(checkpoint: dict, args: argparse.Namespace, given: set[str], pa
     refused, except the base and the data, which are checked by content once loaded."""
     before = checkpoint["args"]
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING
-               if k in given and k not in COMPARED_BY_CONTENT and before.get(k) != getattr(args, k)]
+               if k in given and k not in COMPARED_BY_CONTENT
+               and before.get(k, DEFAULTS_OF_LATER_FLAGS.get(k)) != getattr(args, k)]
     if changed:
         raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same "
                         f"ones (or with none: --resume reads them from the checkpoint), or start a new run with "

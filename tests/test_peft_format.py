@@ -8,13 +8,13 @@ import copy
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
+from finetune.adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
 from conftest import ROOT, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, GPTConfig, from_pretrained, save_pretrained
 from gpt2.safetensors import load_safetensors, save_safetensors
@@ -80,7 +80,8 @@ def test_writer_leaves_the_old_file_when_it_fails(tmp_path):
 
 # --- ours -> PEFT -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [FULL, QV_RS], ids=["full", "qv-rslora"])
+@pytest.mark.parametrize("config", [FULL, QV_RS, replace(FULL, dora=True), replace(FULL, init="pissa")],
+                         ids=["full", "qv-rslora", "dora", "pissa"])
 def test_exported_adapter_gives_peft_our_logits(hf_base, tmp_path, config):
     from peft import PeftModel
     hf, base_dir = hf_base
