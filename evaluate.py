@@ -25,12 +25,14 @@ from data.metrics import bleu1, correct_references, seed_references, seed_subset
 from data.prompts import NO_ANSWER
 from data.squad import SquadExample, load_split
 from finetune.answer import answer, official_answer
+from finetune.adapters import recorded_quantization
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import PRESETS, UserError
 from gpt2.files import atomic_write, check_writable_dir
 from gpt2.pretrained import HUB_MODELS
+from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=MODES, help="quantize the base like this (default: as the run was "
+                   "trained, see train.py --quantize); the adapter is merged into the dequantized weights")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
@@ -181,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.context is None:
         out = metrics_path(args)
         check_outputs([out] if args.predictions else [out, out.with_suffix(".predictions.json")], args.overwrite)
+    quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
 
     if args.context is not None:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, args.strict)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.predictions:
         predictions = read_predictions(args.predictions, {ex.id for ex in all_examples}, examples)
     else:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, args.strict)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

@@ -44,6 +44,7 @@ from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
 from lora import INITS, LoRAConfig, VALID_TARGETS, load_adapter, parameter_report, save_adapter
+from lora.quant import MODES
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     g.add_argument("--base-dropout", type=probability, default=0.1,
                    help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
+    g.add_argument("--quantize", choices=MODES, default="none",
+                   help="store the frozen block projections in int8 (row-wise absmax, like the seed's 8-bit GPT-2) "
+                   "or QLoRA's 4-bit NF4 (lora/quant.py); embeddings, the tied head and LayerNorms stay as they are")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
     g = p.add_argument_group("LoRA")
@@ -106,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
                    "settings; flags given replace them (--max-steps, --lr, ...) unless they would change the run")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.quantize != "none" and (args.dora or args.lora_init == "pissa"):
+        p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
     if args.qkv and (set(args.qkv) - set("qkv") or len(set(args.qkv)) != len(args.qkv)):
@@ -185,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--epochs {args.epochs} of {steps_per_epoch} steps each is less than one step: raise it")
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
-    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
+    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype,
+                        args.quantize)
     optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
                                args.loraplus_ratio)
     scaler = grad_scaler(dtype)
@@ -219,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train_model = DistributedDataParallel(model) if world > 1 else model
     if args.compile:
+        if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
+            torch._functorch.config.cse = False
         train_model = torch.compile(train_model)
-    base = {"model": args.model, "init": args.init, "seed": args.seed, "config": vars(model.config),
-            "fingerprint": model.base_fingerprint}
+    base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
+            "config": vars(model.config), "fingerprint": model.base_fingerprint}
     last_saved = start_step if args.resume else None
 
     def diverged(problem: str) -> UserError:

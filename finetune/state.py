@@ -31,11 +31,12 @@ RUN_FILES = ("config.json", "log.jsonl", CHECKPOINT, "metrics*.json")
 TRAINING_STATE = ("args", "step", "optimizer", "scaler", "rng")
 
 # Flags added after the first runs were saved: an older checkpoint's args lack them.
-DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None}
+DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None, "quantize": "none"}
 # The settings that define a run: --resume with any of them changed would be another run. The base model and
 # the training data are compared by their content's fingerprint, not by the path or name that gave them.
 RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "dora", "lora_init", "loraplus_ratio",
-                "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir", "train_file")
+                "quantize", "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir",
+                "train_file")
 COMPARED_BY_CONTENT = ("model", "data_dir", "train_file")
 
 # The largest magnitude a saved A or B may hold. A trained adapter is a small correction to weights of order 1:

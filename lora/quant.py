@@ -81,6 +81,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dora import DoRALinear
 from .layer import LoRALinear
 
 MODES = ("none", "int8", "nf4")
@@ -290,6 +291,9 @@ def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn
     for name, module in projections:
         if isinstance(module, (QuantizedLoRALinear, QuantizedLinear)):
             raise ValueError(f"{name} is quantized already")
+        if isinstance(module, DoRALinear) or hasattr(module, "initial_A"):
+            raise ValueError(f"{name}: DoRA's weight norm and PiSSA's residual need the dense weight; quantize a "
+                             f"base with plain LoRA layers")
         if isinstance(module, LoRALinear):
             quantized = QuantizedLoRALinear.from_lora(module, mode, compute_dtype)
         elif isinstance(module, nn.Linear):
