@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from finetune.adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
-from conftest import ROOT, random_hf_gpt2, save_hub_layout
+from conftest import DEV_FILE, ROOT, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, GPTConfig, from_pretrained, save_pretrained
 from gpt2.safetensors import load_safetensors, save_safetensors
 from lora import LoRAConfig, LoRAError, apply_lora, apply_peft, lora_layers, merge_lora, save_adapter
@@ -168,6 +168,18 @@ def test_peft_adapter_imported_gives_peft_logits(hf_base, tmp_path, options):
     assert rel_err(logits(hf), expected) > 1e-2
     merge_lora(model)
     assert rel_err(logits(model), expected) < 1e-5
+
+
+def test_evaluate_scores_a_peft_adapter_directory(hf_base, tmp_path):
+    """evaluate.py --checkpoint PEFT_DIR --model BASE_DIR: answers with PEFT's adapter merged into that base."""
+    import evaluate
+    hf, base_dir = hf_base
+    peft_adapter(hf, tmp_path / "adapter", "someone/not-to-be-downloaded", r=2, lora_alpha=4,
+                 target_modules=["c_attn"])
+    evaluate.main(["--checkpoint", str(tmp_path / "adapter"), "--model", str(base_dir), "--eval-file", str(DEV_FILE),
+                   "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["total"] == 3
+    assert len(json.loads((tmp_path / "m.predictions.json").read_text())) == 3
 
 
 def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):
