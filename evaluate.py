@@ -6,16 +6,22 @@
     python evaluate.py --predictions preds.json --eval-file dev-v2.0.json   # score a predictions file
     python evaluate.py --checkpoint runs/gpt2-lora --na-threshold 0.3 --report report.md
 
+Writes metrics.json (with metrics.predictions.json and metrics.na_prob.json) into the run directory, or --out; an
+existing file is replaced only with --overwrite. An adapter loaded onto a base with other weights than its own gets a
+warning (--strict: an error).
+
 Metrics: the official SQuAD 2.0 exact match and F1 (overall, answerable, unanswerable); with the model's
 no-answer probabilities, the official best_exact / best_f1 and their thresholds; BLEU-1 computed like the seed's
 metric with the right references (`bleu1`); and the seed's own protocol with its reference bug (`bleu1_seed`), for
 comparison with the 13.89% it reported. Then a breakdown: answered or abstained, F1 by question word and by gold
 answer length, and the worst answers.
 """
+import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
 import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,10 +33,12 @@ from data.prompts import NO_ANSWER
 from data.squad import SquadExample, load_split
 from finetune.adapters import recorded_quantization, trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
+from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
-from gpt2 import UserError
-from gpt2.files import atomic_write
+from gpt2 import PRESETS, UserError
+from gpt2.files import atomic_write, check_writable_dir
+from gpt2.pretrained import HUB_MODELS
 from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
@@ -48,15 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
     p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
     p.add_argument("--subset", choices=("seed",), help="seed: only the seed notebook's 100 test questions")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--batch-size", type=int, default=128, help="questions answered together")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (the seed's: 128)")
+    p.add_argument("--limit", type=at_least(1), help="only the first N questions")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="questions answered together")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128, help="answer length limit (the seed's: 128)")
     p.add_argument("--out", help="metrics JSON (default: metrics.json in the run directory); the predictions go "
                    "beside it as <name>.predictions.json")
     p.add_argument("--na-threshold", type=float, metavar="T", help="abstain where the no-answer probability is "
                    "above T, else give the best answer that is not an abstention (default: greedy decides)")
     p.add_argument("--report", metavar="FILE.md", help="also write the metrics and the breakdown as Markdown")
-    p.add_argument("--examples", type=int, default=3, help="answered examples to show")
+    p.add_argument("--overwrite", action="store_true", help="replace metrics and predictions files already there")
+    p.add_argument("--strict", action="store_true", help="refuse a base model whose weights are not the ones the "
+                   "adapter was trained on (default: a warning)")
+    p.add_argument("--examples", type=at_least(0), default=3, help="answered examples to show")
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -65,12 +76,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
-    if not 0 < args.max_new_tokens < 1000:
+    if args.max_new_tokens >= 1000:
         p.error("--max-new-tokens must be between 1 and 999: prompt and answer share GPT-2's 1024 tokens")
     if args.na_threshold is not None and not (0 <= args.na_threshold <= 1 and args.predictions is None):
         p.error("--na-threshold is a probability (0 to 1) applied while answering: not with --predictions")
     if (args.context is None) != (args.question is None):
         p.error("--context and --question go together")
+    if args.predictions is not None:
+        answering = [f"--{name}" for name in ("checkpoint", "model", "context") if getattr(args, name) is not None]
+        if answering:
+            p.error(f"--predictions scores answers already written; {' and '.join(answering)} would answer "
+                    f"questions: give one or the other")
+    if args.data_dir and args.eval_file:
+        p.error("--data-dir is unused when --eval-file is given: drop one")
+    if args.context is None and args.checkpoint is None and args.model in PRESETS and args.model not in HUB_MODELS:
+        p.error(f"{args.model} is a shape without pretrained weights; a run trained on it (train.py --init random) "
+                f"is evaluated with --checkpoint RUN, which rebuilds its base")
     if args.predictions is None and args.checkpoint is None and args.model is None:
         p.error("give --checkpoint (or --model) to answer questions, or --predictions to score a file")
     return args
@@ -114,6 +135,29 @@ def show_examples(examples: list[SquadExample], answers: list[str], n: int) -> N
         print(f"\nCONTEXT: {context}\nQUESTION: {ex.question}\nGOLD: {ex.answers or [NO_ANSWER]}\nANSWER: {text}")
 
 
+def read_predictions(path: str, all_ids: set[str], selected: list[SquadExample]) -> dict[str, str]:
+    """A predictions file (question id -> answer string) without the eval set's questions that were not selected
+    (--subset, --limit): those are ignored, as the official script does. Ids the eval set does not have stay, for
+    scoring to report (they mean the file answers another data set); repeated ids are an error."""
+    def refuse_repeats(pairs):  # json keeps the last of repeated keys without a word
+        repeated = [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]
+        if repeated:
+            raise UserError(f"{path} answers {len(repeated)} question id(s) more than once (first: {repeated[0]!r})")
+        return dict(pairs)
+    try:
+        predictions = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=refuse_repeats)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read predictions from {path}: {e}") from None
+    if not isinstance(predictions, dict):
+        raise UserError(f"{path} must map question ids to answer strings (a JSON object)")
+    not_text = [qid for qid, text in predictions.items() if not isinstance(text, str)]
+    if not_text:
+        raise UserError(f"{path}: {len(not_text)} answer(s) are not strings (first: {not_text[0]!r} -> "
+                        f"{predictions[not_text[0]]!r}); no answer is written \"\"")
+    selected_ids = {ex.id for ex in selected}
+    return {qid: text for qid, text in predictions.items() if qid in selected_ids or qid not in all_ids}
+
+
 def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list[SquadExample], list[int] | None]:
     """The questions to evaluate, and where the seed's 100 test questions are among them (if they all are)."""
     seed_indices = seed_subset_indices(DEV_SET_SIZE)
@@ -138,29 +182,42 @@ def metrics_path(args: argparse.Namespace) -> Path:
     return Path("metrics.json")
 
 
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Before any answering: the files can be written, and none from an earlier evaluation is replaced unasked."""
+    for path in paths:
+        check_writable_dir(path.parent, "--out")
+        if path.is_dir():
+            raise UserError(f"--out {path} is a directory: name the metrics file (e.g. {path / 'metrics.json'})")
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{' and '.join(existing)} already exist(s), from an earlier evaluation: pass --overwrite to "
+                        f"replace, or --out to write elsewhere")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
+    if args.context is None:
+        out = metrics_path(args)
+        outputs = [out] if args.predictions else [out, out.with_suffix(".predictions.json"),
+                                                  out.with_suffix(".na_prob.json")]
+        check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
     quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
 
     if args.context is not None:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
 
-    examples, seed_positions = select(load_split("eval", args.data_dir, args.eval_file), args)
+    all_examples = load_split("eval", args.data_dir, args.eval_file)
+    examples, seed_positions = select(all_examples, args)
     na_probs = None
     if args.predictions:
-        try:
-            predictions = json.loads(Path(args.predictions).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read predictions from {args.predictions}: {e}") from None
-        if not isinstance(predictions, dict):
-            raise UserError(f"{args.predictions} must map question ids to answer strings")
+        predictions = read_predictions(args.predictions, {ex.id for ex in all_examples}, examples)
     else:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
         start = time.perf_counter()
         probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
                                               add_eos=trained_with_eos(args.checkpoint))
@@ -187,7 +244,6 @@ def main(argv: list[str] | None = None) -> None:
     tables = breakdown(examples, {qid: official_answer(text) for qid, text in predictions.items()}, na_probs)
     print("\n" + breakdown_markdown(tables))
     metrics["breakdown"] = tables
-    out = metrics_path(args)
     written = [out]
     with atomic_write(out, "w") as f:
         json.dump(metrics, f, indent=2)

@@ -11,8 +11,11 @@ Hub's data and weights:
 Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
 checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues,
 adapter/ (the same adapter in PEFT's format, for transformers + PEFT users) and, with --eval-answers, best/ (the
-adapter of the best eval F1 so far).
+adapter of the best eval F1 so far). `python train.py --out RUN --resume` needs no other flag: it reads the run's
+settings. --out must be new, empty, or a run directory. Ctrl-C or SIGTERM saves a checkpoint and exits; a second
+one quits at once.
 """
+import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
 import argparse
 import json
 import math
@@ -30,30 +33,33 @@ from tqdm import tqdm
 
 from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
-from data.squad import load_split
-from finetune.adapters import ADAPTER_DIR, CHECKPOINT, save_peft_adapter
+from data.squad import examples_fingerprint, load_split
+from finetune.adapters import ADAPTER_DIR, save_peft_adapter
+from finetune.cli import at_least, given_flags, non_negative, positive, probability, resolve_device
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.quality import BEST, answer_quality, best_f1, describe, fixed_subset, save_best
 from finetune.signals import EXIT_CODE, StopRequest
-from finetune.state import restore, rng_state
+from finetune.state import (ADAPTER_LIMIT, CHECKPOINT, check_adapter_sound, check_out_dir, check_same_content,
+                            check_training_state, restore, resumed_args, rng_state)
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import INITS, LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
+from lora import INITS, LoRAConfig, VALID_TARGETS, load_adapter, parameter_report, save_adapter
 from lora.quant import MODES
 
 EVAL_ANSWERS_ON_GPU = 200  # --eval-answers' default on a GPU: seconds per evaluation; on a CPU, 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The settings, and which of them were written on the command line (--resume keeps the run's for the rest)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a directory holding "
                    "model.safetensors, or (with --init random) gpt2-tiny")
     g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="random: the architecture with GPT-2's random initialisation (offline runs, benchmarks)")
-    g.add_argument("--base-dropout", type=float, default=0.1,
+    g.add_argument("--base-dropout", type=probability, default=0.1,
                    help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
     g.add_argument("--quantize", choices=MODES, default="none",
@@ -62,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--alpha", type=float, default=8.0)
-    g.add_argument("--lora-dropout", type=float, default=0.2)
-    g.add_argument("--targets", nargs="+", default=["c_attn", "c_proj", "c_fc"], metavar="NAME",
+    g.add_argument("--rank", type=at_least(1), default=4)
+    g.add_argument("--alpha", type=positive, default=8.0)
+    g.add_argument("--lora-dropout", type=probability, default=0.2)
+    g.add_argument("--targets", nargs="+", default=["c_attn", "c_proj", "c_fc"], metavar="NAME", choices=VALID_TARGETS,
                    help=f"projections to adapt: {', '.join(VALID_TARGETS)}")
     g.add_argument("--qkv", default="", help="adapt only these parts of c_attn, each with its own A and B (e.g. qv)")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(rank)")
@@ -73,52 +79,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DoRA: also train each output row's magnitude (Liu et al., 2024; lora/dora.py)")
     g.add_argument("--lora-init", choices=INITS, default="default",
                    help="pissa: start A, B from W's top-r singular vectors, W -> the residual (Meng et al., 2024)")
-    g.add_argument("--loraplus-ratio", type=float, metavar="λ",
+    g.add_argument("--loraplus-ratio", type=positive, metavar="λ",
                    help="LoRA+: B's learning rate is λ times A's (Hayou et al., 2024; e.g. 16)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="directory holding train-v2.0.json and dev-v2.0.json (default: the Hub)")
     g.add_argument("--train-file", help="official-format SQuAD 2.0 JSON to train on")
     g.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON for the eval loss")
-    g.add_argument("--max-len", type=int, default=1024, help="tokens per sequence; the context is shortened to fit")
+    g.add_argument("--max-len", type=at_least(1), default=1024, help="tokens per sequence; the context is shortened to fit")
     g.add_argument("--loss-on", choices=LOSS_ON, default="all",
                    help="all: every token, like the seed; answer: only the answer and EOS")
     g.add_argument("--no-eos", action="store_true", help="no EOS after the answer (the seed's model never stops)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--eps", type=float, default=1e-8)
-    g.add_argument("--warmup-steps", type=int, default=100)
+    g.add_argument("--lr", type=positive, default=5e-5)
+    g.add_argument("--weight-decay", type=non_negative, default=0.0)
+    g.add_argument("--betas", type=probability, nargs=2, default=[0.9, 0.999])
+    g.add_argument("--eps", type=positive, default=1e-8)
+    g.add_argument("--warmup-steps", type=at_least(0), default=100)
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, default=1200, help="optimizer steps (default 1200, the seed's)")
-    length.add_argument("--epochs", type=float, help="train this many passes over the data instead")
-    g.add_argument("--micro-batch-size", type=int, default=5, help="sequences per forward pass (per GPU)")
-    g.add_argument("--grad-accum", type=int, default=10, help="micro-batches per optimizer step")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    g.add_argument("--seed", type=int, default=42)
+    length.add_argument("--max-steps", type=at_least(1), default=1200, help="optimizer steps (default 1200, the "
+                        "seed's)")
+    length.add_argument("--epochs", type=positive, help="train this many passes over the data instead")
+    g.add_argument("--micro-batch-size", type=at_least(1), default=5, help="sequences per forward pass (per GPU)")
+    g.add_argument("--grad-accum", type=at_least(1), default=10, help="micro-batches per optimizer step")
+    g.add_argument("--clip", type=positive, default=1.0, help="gradient norm clipping")
+    g.add_argument("--seed", type=at_least(0), default=42)
     g = p.add_argument_group("evaluation, logging and checkpoints")
-    g.add_argument("--eval-every", type=int, default=200, help="steps between eval-loss measurements")
-    g.add_argument("--eval-examples", type=int, help="eval loss on this many eval questions (default: all)")
-    g.add_argument("--eval-answers", type=int, metavar="N", help="also answer this many eval questions (a fixed "
-                   f"random set) at each evaluation: EM, F1, abstentions, and best/ (default: {EVAL_ANSWERS_ON_GPU} on a "
-                   "GPU, 0 on a CPU)")
-    g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
-    g.add_argument("--out", default="runs/gpt2-lora", help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--eval-every", type=at_least(1), default=200, help="steps between eval-loss measurements")
+    g.add_argument("--eval-examples", type=at_least(1), help="eval loss on this many eval questions (default: all)")
+    g.add_argument("--eval-answers", type=at_least(0), metavar="N", help="also answer this many eval questions (a "
+                   f"fixed random set) at each evaluation: EM, F1, abstentions, and best/ (default: "
+                   f"{EVAL_ANSWERS_ON_GPU} on a GPU, 0 on a CPU)")
+    g.add_argument("--eval-batch-size", type=at_least(1), default=32)
+    g.add_argument("--save-every", type=at_least(1), default=200, help="steps between checkpoints")
+    g.add_argument("--log-every", type=at_least(1), default=10, help="steps between log.jsonl lines")
+    g.add_argument("--out", default="runs/gpt2-lora", help="run directory: new, empty, or a run to --resume")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
+                   "settings; flags given replace them (--max-steps, --lr, ...) unless they would change the run")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     args = p.parse_args(argv)
     if args.quantize != "none" and (args.dora or args.lora_init == "pissa"):
         p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
-    if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
-        p.error("--loraplus-ratio must be positive")
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
-    for name in ("rank", "micro_batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    if args.qkv and (set(args.qkv) - set("qkv") or len(set(args.qkv)) != len(args.qkv)):
+        p.error(f"--qkv {args.qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+    if args.data_dir and args.train_file and args.eval_file:
+        p.error("--data-dir is unused when --train-file and --eval-file are both given: drop one")
+    return args, given_flags(p, argv, args)
 
 
 def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
@@ -126,22 +133,38 @@ def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
                       qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
 
 
-def prepare_data(args: argparse.Namespace) -> tuple[list, int, list, list]:
+def prepare_data(args: argparse.Namespace) -> tuple[list, int, list, list, str]:
     """Training sequences, how many examples were too long to keep, the eval-loss sequences (a fixed random subset
-    with --eval-examples, the same at every evaluation), and all the eval questions."""
+    with --eval-examples, the same at every evaluation), all the eval questions, and the training data's
+    fingerprint."""
     train_examples = load_split("train", args.data_dir, args.train_file)
     eval_examples = load_split("eval", args.data_dir, args.eval_file)
     encode = dict(max_len=args.max_len, add_eos=not args.no_eos, loss_on=args.loss_on, seed=args.seed)
     train_sequences, skipped = training_sequences(train_examples, **encode)
     eval_sequences, _ = training_sequences(fixed_subset(eval_examples, args.eval_examples), **encode)
-    return train_sequences, skipped, eval_sequences, eval_examples
+    for name, sequences, examples in (("training", train_sequences, train_examples),
+                                      ("eval", eval_sequences, eval_examples)):
+        if not sequences:
+            raise UserError(f"none of the {len(examples)} {name} questions fits --max-len {args.max_len} tokens, even "
+                            f"with its context cut away: raise --max-len")
+    return train_sequences, skipped, eval_sequences, eval_examples, examples_fingerprint(train_examples)
+
+
+def forget_log_after(log_file: Path, step: int) -> None:
+    """Drop log.jsonl's lines after the checkpoint's step (logged before a crash or a refused save): the resumed
+    run logs those steps again, and the log must tell each step once."""
+    if log_file.is_file():
+        lines = log_file.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if kept != lines:
+            with atomic_write(log_file, "w") as f:
+                f.writelines(kept)
 
 
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
     if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 1, device
+        return 0, 1, resolve_device(args.device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and args.device != "cpu":
         device = torch.device("cuda", local_rank)
@@ -154,23 +177,26 @@ def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    main_process = rank == 0
+    args, given = parse_args(argv)
     out = Path(args.out)
     checkpoint_path = out / CHECKPOINT
-    if args.resume and not checkpoint_path.is_file():
-        raise UserError(f"nothing to resume: no {checkpoint_path}")
-    if not args.resume and checkpoint_path.is_file():
-        raise UserError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+    check_out_dir(out, args.resume)  # before anything is loaded: a foreign or unwritable folder fails at once
+    if args.resume:
+        checkpoint = load_adapter(checkpoint_path)
+        check_training_state(checkpoint, checkpoint_path)
+        args = resumed_args(checkpoint, args, given, checkpoint_path)
+    rank, world, device = setup_distributed(args)
+    main_process = rank == 0
     dtype = resolve_precision(args.precision, device)
 
-    train_sequences, skipped, eval_sequences, eval_examples = prepare_data(args)
+    train_sequences, skipped, eval_sequences, eval_examples, data_fingerprint = prepare_data(args)
     eval_answers = args.eval_answers if args.eval_answers is not None else \
         EVAL_ANSWERS_ON_GPU if device.type == "cuda" else 0
     answer_examples = fixed_subset(eval_examples, eval_answers) if eval_answers > 0 else []
     steps_per_epoch = len(train_sequences) // (args.micro_batch_size * args.grad_accum * world)
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
+    if max_steps < 1:
+        raise UserError(f"--epochs {args.epochs} of {steps_per_epoch} steps each is less than one step: raise it")
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
     model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype,
@@ -181,7 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
     if args.resume:
-        start_step = restore(checkpoint_path, args, model, optimizer, scaler, device)
+        check_same_content("training data", checkpoint.get("data_fingerprint"), data_fingerprint, checkpoint_path)
+        check_same_content("base model", checkpoint["base"].get("fingerprint"), model.base_fingerprint,
+                           checkpoint_path)
+        start_step = restore(checkpoint, model, optimizer, scaler, device)
+        if start_step >= max_steps:
+            raise UserError(f"{checkpoint_path} is at step {start_step} already, and the run ends at step {max_steps}: "
+                            f"to train on, resume with a larger --max-steps")
+        if main_process:
+            forget_log_after(out / "log.jsonl", start_step)
     else:  # left by a run that stopped before its first checkpoint
         (out / "log.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / BEST, ignore_errors=True)
@@ -207,9 +241,19 @@ def main(argv: list[str] | None = None) -> None:
             torch._functorch.config.cse = False
         train_model = torch.compile(train_model)
     base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
-            "config": vars(model.config)}
+            "config": vars(model.config), "fingerprint": model.base_fingerprint}
+    last_saved = start_step if args.resume else None
+
+    def diverged(problem: str) -> UserError:
+        """Training went numerically wrong: nothing more is saved, and the last checkpoint is the way back."""
+        if last_saved is None:
+            return UserError(f"{problem}; nothing was saved. Start again with a lower --lr")
+        return UserError(f"{problem}; not saved, so {checkpoint_path} holds step {last_saved}, the last good state. "
+                         f"Continue from it with a lower learning rate: python train.py --out {out} --resume "
+                         f"--lr {args.lr / 10:g}")
 
     def save(step: int) -> None:
+        nonlocal last_saved
         states = [rng_state(device)]
         if world > 1:  # every process's random state, so that each continues its own stream
             states = [None] * world
@@ -217,18 +261,20 @@ def main(argv: list[str] | None = None) -> None:
         if main_process:
             save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
                          precision=precision_name(dtype),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states)
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states,
+                         data_fingerprint=data_fingerprint)
             save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
+        last_saved = step
 
     def log(record: dict) -> None:
         if main_process:
             with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")  # valid JSON: the NaN guards run first
 
     steps = training_steps(train_sequences, args.micro_batch_size, args.grad_accum, args.seed, start_step, rank, world)
     bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
     model.train()
-    micro_batches = next(steps) if start_step < max_steps else []
+    micro_batches = next(steps)
 
     def new_window() -> dict:  # what the next log.jsonl line averages over; the loss stays on the device
         return {"loss": torch.zeros((), device=device), "targets": 0, "tokens": 0, "padded": 0,
@@ -259,8 +305,11 @@ def main(argv: list[str] | None = None) -> None:
         if done % args.log_every == 0 or saving:
             loss = window["loss"].item() / window["targets"]  # waits for the GPU
             if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} by step {done}; stopped without saving, so "
-                                f"{checkpoint_path} holds the last good state. Try a lower --lr.")
+                raise diverged(f"the loss became {loss} by step {done}")
+            worst = check_adapter_sound(model) if saving else None
+            if worst is not None:  # the loss was measured before this step's update: check what would be saved
+                raise diverged(f"by step {done} the adapter holds {worst:g} (A and B must be finite and within "
+                               f"{ADAPTER_LIMIT:g}): training diverged")
             elapsed = time.perf_counter() - window["start"]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}", **shown)
         if done % args.log_every == 0 or done == max_steps:
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             window = new_window()
         if done % args.eval_every == 0:
             value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
+            if not math.isfinite(value):
+                raise diverged(f"the eval loss became {value} at step {done}")
             record = {"step": done, "eval_loss": value}
             if answer_examples and main_process:
                 quality = answer_quality(model, answer_examples, args.eval_batch_size, device, dtype)

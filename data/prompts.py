@@ -72,14 +72,22 @@ def training_sequences(examples: Sequence[SquadExample], max_len: int, add_eos: 
     return sequences, skipped
 
 
-def prompt_tokens(examples: Sequence[SquadExample], max_tokens: int) -> list[list[int]]:
-    """The prompt of every example, contexts shortened to fit `max_tokens`."""
+def prompt_tokens(examples: Sequence[SquadExample], block_size: int, max_new_tokens: int = 0) -> list[list[int]]:
+    """The prompt of every example, contexts shortened so that the prompt and `max_new_tokens` fit the model's
+    `block_size` tokens."""
     contexts = _tokenized_contexts(examples)
+    max_tokens = block_size - max_new_tokens
     prompts = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
-    too_long = [ex.id for ex, p in zip(examples, prompts) if p is None]
+    too_long = [ex for ex, p in zip(examples, prompts) if p is None]
     if too_long:
-        raise UserError(f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their "
-                        f"context, e.g. {too_long[0]}: allow fewer new tokens (--max-new-tokens)")
+        need, longest = max((len(encode_prompt([], ex.question, block_size * 1000)), ex.id) for ex in too_long)
+        problem = (f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their context: "
+                   f"{longest} alone needs {need}")
+        if need >= block_size:
+            raise UserError(f"{problem}, more than the model's {block_size}-token window holds: shorten that "
+                            f"question or leave it out")
+        raise UserError(f"{problem}, and {max_new_tokens} of the model's {block_size} tokens are kept for the "
+                        f"answer: lower --max-new-tokens to {block_size - need} or less")
     return prompts
 
 

@@ -3,6 +3,7 @@
 Official format: {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers":
 [{"text", "answer_start"}], "is_impossible"}]}]}]}. SQuAD 2.0 adds unanswerable questions: no answers.
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def load_squad_file(path: str | os.PathLike) -> list[SquadExample]:
     try:
         with open(path, encoding="utf-8") as f:
             articles = json.load(f)["data"]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a SQuAD 2.0 JSON file ({type(e).__name__}: {e})") from None
     examples, where = [], "data"
@@ -50,15 +53,42 @@ def load_squad_file(path: str | os.PathLike) -> list[SquadExample]:
             where = f"data[{a}]"
             for p, paragraph in enumerate(article["paragraphs"]):
                 where = f"data[{a}].paragraphs[{p}]"
-                for qa in paragraph["qas"]:
-                    examples.append(SquadExample(qa["id"], paragraph["context"], qa["question"],
-                                                 [answer["text"] for answer in qa["answers"]]))
+                for q, qa in enumerate(paragraph["qas"]):
+                    where = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                    example = SquadExample(qa["id"], paragraph["context"], qa["question"],
+                                           [answer["text"] for answer in qa["answers"]])
+                    if not all(isinstance(text, str) for text in (example.id, example.context, example.question,
+                                                                  *example.answers)):
+                        raise TypeError("its id, context, question and answer texts must all be strings")
+                    examples.append(example)
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: {where} is not in SQuAD format ({type(e).__name__}: {e}); expected articles with "
                         f"'paragraphs', each with a 'context' and 'qas' of 'id', 'question', 'answers'") from None
     if not examples:
         raise UserError(f"{path} holds no questions")
+    check_unique_ids(examples, path)
     return examples
+
+
+def check_unique_ids(examples: list[SquadExample], source: str | os.PathLike) -> None:
+    """Question ids key the predictions and the scores: two questions under one id would be scored as one."""
+    seen, duplicates = set(), []
+    for ex in examples:
+        if ex.id in seen:
+            duplicates.append(ex.id)
+        seen.add(ex.id)
+    if duplicates:
+        raise UserError(f"{source}: {len(duplicates)} question id(s) occur more than once (first: {duplicates[0]!r}); "
+                        f"every question needs its own id")
+
+
+def examples_fingerprint(examples: list[SquadExample]) -> str:
+    """A short hash of the questions' content (ids, contexts, questions, answers, in order): the same data, wherever
+    its file lives, has the same fingerprint, and a changed file another one."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.id, ex.context, ex.question, ex.answers]).encode())
+    return digest.hexdigest()[:16]
 
 
 def load_squad_hub(split: str) -> list[SquadExample]:
@@ -75,5 +105,7 @@ def load_squad_hub(split: str) -> list[SquadExample]:
         offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (without network, HF_HUB_OFFLINE=1 fails at once)"
         raise UserError(f"could not load {HUB_DATASET} from the Hugging Face Hub ({type(e).__name__}: {e}). "
                         f"{OFFLINE_HELP}{offline}") from None
-    return [SquadExample(r["id"], r["context"], r["question"], list(r["answers"]["text"])) for r in rows]
+    examples = [SquadExample(r["id"], r["context"], r["question"], list(r["answers"]["text"])) for r in rows]
+    check_unique_ids(examples, HUB_DATASET)
+    return examples
 

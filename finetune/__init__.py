@@ -1,9 +1,10 @@
 """The machinery of a fine-tuning run, shared by train.py, evaluate.py and bench.py.
 
+    cli.py        flag values checked at the edge (ranges, NaN), the device, which flags were given
     precision.py  bf16 / fp16 / fp32: which one, autocast, gradient scaling
     model.py      the base model with LoRA, for training; the merged model, for answering
     step.py       the optimizer, the learning-rate schedule, one training step, the eval loss
-    state.py      a run's checkpoint: saving it, checking it is sound, resuming from it
+    state.py      a run's directory and checkpoint: what it may hold, sound numbers only, resuming with its settings
     signals.py    Ctrl-C and SIGTERM: finish the step, save, exit
     answer.py     batched greedy answers to SQuAD questions, and their no-answer probabilities
     quality.py    EM and F1 while training, and the best adapter so far

@@ -98,17 +98,19 @@ def trained_with_eos(checkpoint: str | None) -> bool:
     return True
 
 
-def load_adapted_model(checkpoint: str, model_name: str | None = None) -> GPT:
+def load_adapted_model(checkpoint: str, model_name: str | None = None, strict: bool = False) -> GPT:
     """The base model with the adapter's LoRA layers (fp32, on the CPU, not merged), from
     - a train.py run directory or its checkpoint.pt: the base it was trained on (name, init, seed);
     - a PEFT adapter directory or a Hub repository id of one: the base its base_model_name_or_path names.
-    `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter."""
+    `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter. A run's base whose
+    weights differ from those it was trained on is a warning, or with `strict` an error (a PEFT adapter records
+    no fingerprint of its base)."""
     path = Path(checkpoint)
     if path.is_file() or (path / CHECKPOINT).is_file():
         run = load_adapter(path if path.is_file() else path / CHECKPOINT)
         base = run["base"]
         model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, run)
+        apply_adapter(model, run, strict)
         return model
     peft_config, tensors = read_peft_adapter(checkpoint)
     base_name = model_name or peft_config.get("base_model_name_or_path")

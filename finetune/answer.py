@@ -38,7 +38,7 @@ def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_to
     first gold answers (0.5%).
     """
     enc = get_tokenizer()
-    prompts = prompt_tokens(examples, model.config.block_size - max_new_tokens)
+    prompts = prompt_tokens(examples, model.config.block_size, max_new_tokens)
     stop = [enc.encode_ordinary(ANSWER_MARKER)]
     forbid = [answer_tokens(NO_ANSWER, add_eos=False)[0], EOS_ID] if forbid_abstention else ()
 
@@ -59,7 +59,7 @@ def no_answer_probability(model: GPT, examples: list[SquadExample], batch_size: 
     The prompts are answer()'s for the same `max_new_tokens` (contexts shortened alike), so na_prob speaks of the
     very prompts that are answered."""
     abstention = answer_tokens(NO_ANSWER, add_eos)
-    prompts = prompt_tokens(examples, model.config.block_size - max(max_new_tokens, len(abstention)))
+    prompts = prompt_tokens(examples, model.config.block_size, max(max_new_tokens, len(abstention)))
 
     def probabilities(batch: list[list[int]]) -> list[float]:
         # exp in float64: a confident model's na_prob can be far below fp32's smallest number.

@@ -72,6 +72,8 @@ def _read_config(config_file: Path, where: str | Path) -> dict:
         config = json.loads(Path(config_file).read_text())
     except ValueError as e:
         raise UserError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} is not a transformers config (a JSON object with model_type, n_layer, ...)")
     if config.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{where} is a {config['model_type']} model, not a GPT-2 (its config.json says model_type "
                         f"{config['model_type']!r})")
@@ -102,6 +104,10 @@ def _config_for(tensors: dict[str, torch.Tensor], config_file: Path | None, path
     the weights cannot tell) of the released GPT-2 of that depth and width."""
     if config_file is not None and config_file.is_file():
         c = _read_config(config_file, path)
+        sizes = {k: c.get(k) for k in ("n_layer", "n_head", "n_embd")}
+        if not all(type(v) is int and v > 0 for v in sizes.values()) or sizes["n_embd"] % sizes["n_head"]:
+            raise UserError(f"{config_file}: {sizes} is not a GPT-2 shape (positive integers, n_embd a multiple of "
+                            f"n_head)")
         return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                          vocab_size=c.get("vocab_size", 50257), block_size=c.get("n_positions", 1024))
     wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")

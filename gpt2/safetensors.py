@@ -43,10 +43,15 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             header = json.loads(buf[8:8 + n])
         except ValueError as e:
             raise UserError(f"{path} has a corrupt safetensors header ({e}): {advice}") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path} has a safetensors header that is not a JSON object: {advice}")
         header.pop("__metadata__", None)
         data_start, data_size = 8 + n, size - 8 - n
         tensors = {}
         for name, info in header.items():
+            if not _is_entry(info):
+                raise UserError(f"{path}: the header entry of tensor {name} is not {{\"dtype\", \"shape\": [sizes], "
+                                f"\"data_offsets\": [begin, end]}}: {advice}")
             dtype, shape, (begin, end) = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
             if dtype is None:
                 raise UserError(f"{path}: tensor {name} has the unsupported dtype {info['dtype']}")
@@ -59,6 +64,15 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return tensors
     finally:
         buf.close()
+
+
+def _is_entry(info) -> bool:
+    """A tensor's header entry as the format defines it: a dtype name, a shape of sizes, and 0 <= begin <= end."""
+    def naturals(values):
+        return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and naturals(info.get("shape"))
+            and naturals(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+            and info["data_offsets"][0] <= info["data_offsets"][1])
 
 
 def _copy_tensor(buf: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """LoRA from scratch: the adapted layer, putting it into a model, adapter checkpoints, PEFT's format, and the
 variants DoRA, PiSSA, rsLoRA and LoRA+."""
-from .checkpoint import apply_adapter, load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
+from .checkpoint import (apply_adapter, base_fingerprint, load_adapter, load_lora_state_dict, lora_state_dict,
+                         save_adapter)
 from .dora import DoRALinear
 from .errors import LoRAError
 from .inject import (INITS, LoRAConfig, VALID_TARGETS, apply_lora, lora_layers, mark_only_lora_as_trainable,
@@ -12,4 +13,4 @@ from .peft_format import apply_peft, to_peft
 __all__ = ["LoRALinear", "DoRALinear", "LoRAConfig", "LoRAError", "VALID_TARGETS", "INITS", "apply_lora",
            "lora_layers", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "parameter_report",
            "loraplus_param_groups", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
-           "apply_adapter", "to_peft", "apply_peft"]
+           "apply_adapter", "base_fingerprint", "to_peft", "apply_peft"]

@@ -4,7 +4,7 @@ A checkpoint is a dict saved with torch.save:
     format       "gpt2-lora/1"
     lora_config  LoRAConfig as a dict (rank, alpha, targets, ...)
     base         how to rebuild the frozen base: {"model": name or path, "init": "pretrained" | "random",
-                 "seed": ..., "config": GPTConfig as a dict}
+                 "seed": ..., "config": GPTConfig as a dict, "fingerprint": base_fingerprint(base model)}
     adapter      {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}: the only trained tensors (with DoRA also
                  "...lora_magnitude_vector": (out,))
 train.py adds its own keys (step, optimizer, ...) beside these. For the seed's config the adapter is 589,824
@@ -15,7 +15,9 @@ A PiSSA adapter is written as the plain rank-2r LoRA it amounts to on the ORIGIN
 lora_config rank 2r and init "default": whoever loads it needs to know nothing about PiSSA.
 Checkpoints written before a LoRAConfig field existed lack it; the field's default then applies.
 """
+import hashlib
 import os
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +67,9 @@ def _atomic_save(obj: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private (0600); open() would follow the umask
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -86,16 +91,50 @@ def load_adapter(path: str | os.PathLike) -> dict:
             from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise LoRAError(f"{path} is not an adapter checkpoint of this project (format {FORMAT})")
+    parts = {"lora_config": dict, "base": dict, "adapter": dict}
+    broken = [key for key, kind in parts.items() if not isinstance(checkpoint.get(key), kind)]
+    if not broken and not isinstance(checkpoint["base"].get("config"), dict):
+        broken = ["base.config"]
+    if not broken and not all(isinstance(t, torch.Tensor) for t in checkpoint["adapter"].values()):
+        broken = ["adapter (not all tensors)"]
+    if broken:
+        raise LoRAError(f"{path} is damaged: {', '.join(broken)} missing or malformed")
     return checkpoint
 
 
-def apply_adapter(model: nn.Module, checkpoint: dict) -> LoRAConfig:
-    """Give a base model the checkpoint's LoRA layers and trained A, B; refuse a base of another shape."""
-    trained_on = {k: checkpoint["base"]["config"][k] for k in BASE_SHAPE_KEYS}
+def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
+    """A short hash that tells one base model's weights from another's of the same shape: every frozen tensor's
+    name and shape, and `samples` of its values evenly spread (in fp32). Reading a few thousand numbers per
+    tensor costs milliseconds, and two different trainings, or two random inits, never agree on them all. Take it
+    of the base as loaded (fp32, before LoRA layers or a half-precision cast change what its numbers look like)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        flat = t.detach().reshape(-1)
+        picks = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long().to(flat.device)
+        digest.update(f"{name}{tuple(t.shape)}".encode())
+        digest.update(flat[picks].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def apply_adapter(model: nn.Module, checkpoint: dict, strict: bool = False) -> LoRAConfig:
+    """Give a base model the checkpoint's LoRA layers and trained A, B. A base of another shape is refused. A base
+    of the right shape but other weights (another fine-tune, another seed) runs, but the adapter was not trained
+    for it: a warning on stderr says so, and `strict` refuses it instead."""
+    trained_on = {k: checkpoint["base"]["config"].get(k) for k in BASE_SHAPE_KEYS}
     this = {k: getattr(model.config, k) for k in BASE_SHAPE_KEYS}
     if trained_on != this:
         raise LoRAError(f"the adapter was trained on {checkpoint['base']['model']} {trained_on}, but the base model "
                         f"given has {this}: load the base it was trained on")
+    recorded = checkpoint["base"].get("fingerprint")  # absent in checkpoints older than the fingerprint
+    if recorded is not None and recorded != base_fingerprint(model):
+        message = (f"the base model given has other weights than the one the adapter was trained on "
+                   f"({checkpoint['base']['model']}, fingerprint {recorded}): its answers will not be the "
+                   f"trained model's")
+        if strict:
+            raise LoRAError(f"{message}. Load the base it was trained on (--strict refuses any other)")
+        print(f"warning: {message} (--strict refuses this)", file=sys.stderr)
     config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
     apply_lora(model, **asdict(config))
     load_lora_state_dict(model, checkpoint["adapter"])

@@ -115,7 +115,7 @@ def test_malformed_or_missing_squad_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="bad.json is not a SQuAD 2.0 JSON file"):
         load_squad_file(tmp_path / "bad.json")
     (tmp_path / "shape.json").write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": 1}]}]}]}))
-    with pytest.raises(UserError, match=r"shape.json: data\[0\].paragraphs\[0\] is not in SQuAD format"):
+    with pytest.raises(UserError, match=r"shape.json: data\[0\].paragraphs\[0\].qas\[0\] is not in SQuAD format"):
         load_squad_file(tmp_path / "shape.json")
 
 

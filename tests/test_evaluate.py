@@ -61,8 +61,11 @@ def test_always_abstaining_is_what_the_seeds_protocol_rewards(tmp_path):
     unanswerable = sum(not DEV[i].answers for i in seed_subset_indices())
     assert metrics["bleu1_seed"]["bleu"] == pytest.approx(unanswerable / 100)
     assert metrics["bleu1_seed"]["translation_length"] == 300
-    subset = score_file(tmp_path, {DEV[i].id: "" for i in seed_subset_indices()}, "--subset", "seed")
+    subset = score_file(tmp_path, {DEV[i].id: "" for i in seed_subset_indices()}, "--subset", "seed", "--overwrite")
     assert subset["total"] == 100 and subset["bleu1_seed"] == metrics["bleu1_seed"]
+    # The whole dev set's predictions with --subset: only the selected 100 are scored, the rest ignored.
+    whole = score_file(tmp_path, {ex.id: "Cannot Find Answer" for ex in DEV}, "--subset", "seed", "--overwrite")
+    assert whole["total"] == 100 and whole["bleu1_seed"] == metrics["bleu1_seed"]
 
 
 def test_missing_or_unknown_ids_are_a_clear_error(tmp_path):
