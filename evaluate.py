@@ -19,7 +19,7 @@ import torch
 
 from data.metrics import bleu1, correct_references, seed_references, seed_subset_indices, squad_v2_scores
 from data.prompts import NO_ANSWER
-from data.squad import SquadExample, load_split
+from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.answer import answer, official_answer
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
@@ -38,14 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
                    "--checkpoint, answer with this model unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
-    p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
-    p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
+    p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the run's eval file, else the Hub's "
+                   "validation split)")
+    p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer (default: the run's eval file)")
     p.add_argument("--subset", choices=("seed",), help="seed: only the seed notebook's 100 test questions")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=128, help="questions answered together")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (the seed's: 128)")
-    p.add_argument("--out", help="metrics JSON (default: metrics.json in the run directory); the predictions go "
-                   "beside it as <name>.predictions.json")
+    p.add_argument("--out", help="metrics JSON (default: metrics.<what was scored>.json in the run directory, e.g. "
+                   "metrics.dev.seed.json); the predictions go beside it as <name>.predictions.json")
     p.add_argument("--examples", type=int, default=3, help="answered examples to show")
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
@@ -111,13 +112,46 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
     return examples, seed_indices
 
 
+def use_the_runs_eval_data(args: argparse.Namespace, checkpoint: dict) -> None:
+    """Without --eval-file or --data-dir, answer the questions the run measured its eval loss on (recorded in its
+    checkpoint), so that scoring an offline run needs no network and no repeated paths."""
+    if args.eval_file is not None or args.data_dir is not None:
+        return
+    trained = checkpoint.get("args", {})
+    args.eval_file, args.data_dir = trained.get("eval_file"), trained.get("data_dir")
+    recorded = args.eval_file or (args.data_dir and str(Path(args.data_dir) / FILE_NAMES["eval"]))
+    if recorded and not Path(recorded).is_file():
+        raise UserError(f"the run was evaluated on {recorded}, which is not there from this directory: "
+                        f"give --eval-file FILE (or --data-dir DIR)")
+    if recorded:
+        print(f"questions from the run's eval file {recorded} (--eval-file to choose others)", file=sys.stderr)
+
+
+def scored_name(args: argparse.Namespace) -> str:
+    """What an evaluation scored, as file names say it: 'dev' (dev-v2.0.json, or the Hub's validation split),
+    'dev.seed', 'dev.first100', 'short16.seed.first50' ..."""
+    parts = [Path(args.eval_file or FILE_NAMES["eval"]).name.removesuffix(".json").removesuffix("-v2.0")]
+    if args.subset:
+        parts.append(args.subset)
+    if args.limit is not None:
+        parts.append(f"first{args.limit}")
+    return ".".join(parts)
+
+
 def metrics_path(args: argparse.Namespace) -> Path:
+    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run). Named
+    after what was scored, so that scoring another subset never replaces an earlier file."""
     if args.out:
         return Path(args.out)
     if args.checkpoint:
         run = Path(args.checkpoint)
-        return (run if run.is_dir() else run.parent) / "metrics.json"
-    return Path("metrics.json")
+        return (run if run.is_dir() else run.parent) / f"metrics.{scored_name(args)}.json"
+    return Path(f"metrics.{scored_name(args)}.json")
+
+
+def beside(metrics_file: Path, kind: str) -> Path:
+    """A file that goes with a metrics file: beside(metrics.dev.json, "predictions") = metrics.dev.predictions.json."""
+    return metrics_file.with_suffix(f".{kind}.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         path = Path(args.checkpoint)
         checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
+        if args.context is None and args.predictions is None:
+            use_the_runs_eval_data(args, checkpoint)
 
     if args.context is not None:
         model = load_answerer(checkpoint, args.model, device, dtype)
@@ -158,13 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     metrics = score(examples, predictions, seed_positions)
     print_metrics(metrics)
     out = metrics_path(args)
+    replacing = out.exists()
     with atomic_write(out, "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.predictions:
-        with atomic_write(out.with_suffix(".predictions.json"), "w") as f:
+        with atomic_write(beside(out, "predictions"), "w") as f:
             json.dump(predictions, f, indent=2)
-    print(f"\nwrote {out}" + ("" if args.predictions else f" and {out.with_suffix('.predictions.json')}"),
-          file=sys.stderr)
+    print(f"\nwrote {out}" + ("" if args.predictions else f" and {beside(out, 'predictions')}") +
+          (" (replacing those of the same questions)" if replacing else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

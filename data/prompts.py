@@ -23,13 +23,16 @@ def format_text(context: str, question: str, answer: str = "") -> str:
     return f"CONTEXT:\n{context}\n\nQUESTION:\n{question}{ANSWER_MARKER}{answer}"
 
 
-def encode_prompt(context_ids: Sequence[int], question: str, max_tokens: int) -> list[int] | None:
-    """Prompt tokens, the context cut from the end to fit `max_tokens`; None if the question alone does not fit."""
+def encode_prompt(context_ids: Sequence[int], question: str, max_tokens: int) -> tuple[list[int], int] | None:
+    """(prompt tokens, context tokens cut): the context is cut from the end to fit `max_tokens`. None if the
+    question alone does not fit."""
     enc = get_tokenizer()
     head = enc.encode_ordinary("CONTEXT:\n")
     tail = enc.encode_ordinary(format_text("", question)[len("CONTEXT:\n"):])  # "\n\nQUESTION:\n...ANSWER:\n"
     room = max_tokens - len(head) - len(tail)
-    return None if room < 0 else head + list(context_ids[:room]) + tail
+    if room < 0:
+        return None
+    return head + list(context_ids[:room]) + tail, max(0, len(context_ids) - room)
 
 
 def encode_training_example(context_ids: Sequence[int], question: str, answer: str, max_len: int,
@@ -41,9 +44,10 @@ def encode_training_example(context_ids: Sequence[int], question: str, answer: s
     the model to stop; the seed had none, so its model rambles on until the token limit.
     """
     answer_ids = get_tokenizer().encode_ordinary(answer) + ([EOS_ID] if add_eos else [])
-    prompt = encode_prompt(context_ids, question, max_len - len(answer_ids))
-    if prompt is None:
+    encoded = encode_prompt(context_ids, question, max_len - len(answer_ids))
+    if encoded is None:
         return None
+    prompt, _ = encoded
     return prompt + answer_ids, 0 if loss_on == "all" else len(prompt) - 1
 
 
@@ -66,15 +70,16 @@ def training_sequences(examples: Sequence[SquadExample], max_len: int, add_eos: 
     return sequences, skipped
 
 
-def prompt_tokens(examples: Sequence[SquadExample], max_tokens: int) -> list[list[int]]:
-    """The prompt of every example, contexts shortened to fit `max_tokens`."""
+def prompt_tokens(examples: Sequence[SquadExample], max_tokens: int) -> tuple[list[list[int]], int]:
+    """The prompt of every example, contexts shortened to fit `max_tokens`; and how many contexts were shortened
+    (their answers come from a text cut short, which the user should know)."""
     contexts = _tokenized_contexts(examples)
-    prompts = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
-    too_long = [ex.id for ex, p in zip(examples, prompts) if p is None]
+    encoded = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
+    too_long = [ex.id for ex, e in zip(examples, encoded) if e is None]
     if too_long:
         raise UserError(f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their "
                         f"context, e.g. {too_long[0]}: allow fewer new tokens (--max-new-tokens)")
-    return prompts
+    return [prompt for prompt, _ in encoded], sum(cut > 0 for _, cut in encoded)
 
 
 def _tokenized_contexts(examples: Sequence[SquadExample]) -> dict[str, list[int]]:

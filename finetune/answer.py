@@ -1,4 +1,6 @@
 """Batched greedy answers to SQuAD questions, and the seed's rules for reading them."""
+import sys
+
 import torch
 from tqdm import tqdm
 
@@ -21,9 +23,14 @@ def official_answer(text: str) -> str:
 def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_tokens: int,
            progress: bool = True) -> list[str]:
     """Greedy answers to every question, in order. Questions are answered longest first in batches of similar
-    length (little padding), then put back in order."""
+    length (little padding), then put back in order. Says on stderr how many contexts were cut to fit."""
     enc = get_tokenizer()
-    prompts = prompt_tokens(examples, model.config.block_size - max_new_tokens)
+    room = model.config.block_size - max_new_tokens
+    prompts, cut = prompt_tokens(examples, room)
+    if cut:
+        print(f"note: {cut} of {len(prompts)} context(s) cut at the end to fit {room} prompt tokens "
+              f"({model.config.block_size} minus {max_new_tokens} for the answer): their answers come from the part "
+              f"that fits", file=sys.stderr)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stop = [enc.encode_ordinary(ANSWER_MARKER)]
     answers = [""] * len(prompts)

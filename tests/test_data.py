@@ -35,7 +35,7 @@ def test_template_is_the_seeds_byte_for_byte():
 def test_pieces_tokenize_like_the_whole_text_on_the_dev_set():
     examples = load_squad_file(DEV_FILE)[::7]
     enc = get_tokenizer()
-    for ex, prompt in zip(examples, prompt_tokens(examples, 1024)):
+    for ex, prompt in zip(examples, prompt_tokens(examples, 1024)[0]):
         assert prompt == enc.encode_ordinary(format_text(ex.context, ex.question))
 
 
@@ -138,3 +138,13 @@ def test_train_py_without_network_fails_fast_with_a_message(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--data-dir" in result.stderr and "--train-file" in result.stderr
+
+
+def test_prompts_count_the_contexts_cut_to_fit():
+    examples = load_squad_file(DEV_FILE)[::7]
+    enc = get_tokenizer()
+    whole = [len(enc.encode_ordinary(format_text(ex.context, ex.question))) for ex in examples]
+    prompts, cut = prompt_tokens(examples, 200)
+    assert cut == sum(n > 200 for n in whole) > 0
+    assert all(len(p) == min(n, 200) for p, n in zip(prompts, whole))
+    assert prompt_tokens(load_squad_file(DEV_FILE), 1024 - 128)[1] == 0  # the longest dev prompt: 837 tokens
