@@ -26,6 +26,7 @@ from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_
 from finetune.step import make_optimizer, train_step
 from gpt2 import GPT, generate
 from lora import LoRAConfig, merge_lora
+from lora.quant import MODES, weight_bytes
 
 # train.py's defaults, which the bench times: the seed's LoRA targets and dropouts, AdamW, clipping.
 SEED_TARGETS, LORA_DROPOUT, BASE_DROPOUT, CLIP, MAX_LEN = ("c_attn", "c_proj", "c_fc"), 0.2, 0.1, 1.0, 1024
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | gpt2-tiny (shapes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py's (auto: bf16 on GPU)")
+    p.add_argument("--quantize", choices=MODES, default="none", help="as train.py's: an int8 or nf4 frozen base")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = 2 x rank, like the seed and the anchor)")
@@ -86,9 +88,12 @@ def lora_config(rank: int) -> LoRAConfig:
 
 
 def bench_training(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    model = build_model(args.model, "random", 0, BASE_DROPOUT, lora_config(args.rank), device, dtype).train()
+    model = build_model(args.model, "random", 0, BASE_DROPOUT, lora_config(args.rank), device, dtype,
+                        args.quantize).train()
     optimizer = make_optimizer(model, 5e-5, (0.9, 0.999), 1e-8, 0.0, device)
     scaler = grad_scaler(dtype)
+    if args.compile and args.quantize != "none":  # as train.py: keep only the quantized weights saved
+        torch._functorch.config.cse = False
     step_model = torch.compile(model) if args.compile else model
     if args.data:
         sequences, _ = training_sequences(load_squad_file(args.data), MAX_LEN, True, "all", seed=0)
@@ -117,7 +122,8 @@ def bench_training(args: argparse.Namespace, device: torch.device, dtype: torch.
     tokens_per_s = tokens / seconds
     return {"device": device_name, "model": args.model, "precision": precision_name(dtype),
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": round(mean_len),
-            "rank": args.rank, "compile": args.compile,
+            "rank": args.rank, "compile": args.compile, "quantize": args.quantize,
+            "base_MB": {part: round(n / 1e6, 1) for part, n in weight_bytes(model).items()},
             "data": "squad" if args.data else "random", "tokens_per_s": round(tokens_per_s),
             "ms_per_step": round(1e3 * seconds / args.steps, 2),
             "padding": round(1 - tokens / sum(b.n_padded for b in timed), 4),
@@ -138,7 +144,8 @@ def profile_steps(model, steps: list, optimizer, scaler, dtype: torch.dtype, dev
 
 def bench_answering(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Answers per second of evaluate.py's path: base + merged adapter in half precision, batched KV-cache decoding."""
-    model = build_model(args.model, "random", 0, 0.0, lora_config(args.rank), torch.device("cpu"), torch.float32)
+    model = build_model(args.model, "random", 0, 0.0, lora_config(args.rank), torch.device("cpu"), dtype,
+                        args.quantize)
     merge_lora(model)
     model = model.to(device, dtype).eval()
     if args.data:

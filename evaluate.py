@@ -21,11 +21,13 @@ from data.metrics import bleu1, correct_references, seed_references, seed_subset
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.answer import answer, official_answer
+from finetune.adapters import CHECKPOINT, recorded_quantization
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import UserError
 from gpt2.files import atomic_write
 from lora import load_adapter
+from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
@@ -34,9 +36,10 @@ WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too sma
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train.py --out directory, or its checkpoint.pt")
-    p.add_argument("--model", help="the base model (default: the one named in the checkpoint); without "
-                   "--checkpoint, answer with this model unadapted")
+    p.add_argument("--checkpoint", help="a train.py --out directory (or its checkpoint.pt), a PEFT adapter "
+                   "directory, or the Hub repository id of one")
+    p.add_argument("--model", help="the base model, a Hub repository id or a local path (default: the run's own "
+                   "base, or the adapter's base_model_name_or_path); without --checkpoint, answer with it unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
     p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the run's eval file, else the Hub's "
                    "validation split)")
@@ -51,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=MODES, help="quantize the base like this (default: as the run was "
+                   "trained, see train.py --quantize); the adapter is merged into the dequantized weights")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU")
     args = p.parse_args(argv)
@@ -112,12 +117,14 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
     return examples, seed_indices
 
 
-def use_the_runs_eval_data(args: argparse.Namespace, checkpoint: dict) -> None:
-    """Without --eval-file or --data-dir, answer the questions the run measured its eval loss on (recorded in its
-    checkpoint), so that scoring an offline run needs no network and no repeated paths."""
-    if args.eval_file is not None or args.data_dir is not None:
-        return
-    trained = checkpoint.get("args", {})
+def use_the_runs_eval_data(args: argparse.Namespace) -> None:
+    """Without --eval-file or --data-dir, answer the questions a train.py run measured its eval loss on (recorded
+    in its checkpoint), so that scoring an offline run needs no network and no repeated paths."""
+    path = Path(args.checkpoint)
+    run_checkpoint = path if path.is_file() else path / CHECKPOINT
+    if args.eval_file is not None or args.data_dir is not None or not run_checkpoint.is_file():
+        return  # told which questions, or a PEFT adapter, which records none
+    trained = load_adapter(run_checkpoint).get("args", {})
     args.eval_file, args.data_dir = trained.get("eval_file"), trained.get("data_dir")
     recorded = args.eval_file or (args.data_dir and str(Path(args.data_dir) / FILE_NAMES["eval"]))
     if recorded and not Path(recorded).is_file():
@@ -143,7 +150,7 @@ def metrics_path(args: argparse.Namespace) -> Path:
     after what was scored, so that scoring another subset never replaces an earlier file."""
     if args.out:
         return Path(args.out)
-    if args.checkpoint:
+    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
         run = Path(args.checkpoint)
         return (run if run.is_dir() else run.parent) / f"metrics.{scored_name(args)}.json"
     return Path(f"metrics.{scored_name(args)}.json")
@@ -158,15 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_precision(args.precision, device)
-    checkpoint = None
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        checkpoint = load_adapter(path / "checkpoint.pt" if path.is_dir() else path)
-        if args.context is None and args.predictions is None:
-            use_the_runs_eval_data(args, checkpoint)
+    quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
+    if args.checkpoint and args.context is None and args.predictions is None:
+        use_the_runs_eval_data(args)
 
     if args.context is not None:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
                      progress=False)[0])
         return
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(predictions, dict):
             raise UserError(f"{args.predictions} must map question ids to answer strings")
     else:
-        model = load_answerer(checkpoint, args.model, device, dtype)
+        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         start = time.perf_counter()
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
         seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ Either directory can be uploaded as it is (`hf upload USER/NAME DIR`). The token
 """
 import argparse
 
-from adapters import export_run_to_peft, load_adapted_model
+from finetune.adapters import export_run_to_peft, load_adapted_model
 from gpt2 import save_pretrained
 from lora import merge_lora
 

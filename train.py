@@ -9,8 +9,9 @@ Hub's data and weights:
         --max-steps 20 --warmup-steps 2 --lr 1e-2 ...             # a CPU smoke run: README.md has it whole
     torchrun --nproc_per_node=4 train.py ...                    # data parallel over 4 GPUs
 
-Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation) and
-checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues.
+Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
+checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues, and
+adapter/ (the same adapter in PEFT's format, for transformers + PEFT users).
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
 from data.squad import load_split
+from finetune.adapters import ADAPTER_DIR, CHECKPOINT, save_peft_adapter
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.signals import EXIT_CODE, StopRequest
@@ -37,9 +39,8 @@ from finetune.state import restore, rng_state
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
-
-CHECKPOINT = "checkpoint.pt"
+from lora import INITS, LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
+from lora.quant import MODES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--base-dropout", type=float, default=0.1,
                    help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
+    g.add_argument("--quantize", choices=MODES, default="none",
+                   help="store the frozen block projections in int8 (row-wise absmax, like the seed's 8-bit GPT-2) "
+                   "or QLoRA's 4-bit NF4 (lora/quant.py); embeddings, the tied head and LayerNorms stay as they are")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
     g = p.add_argument_group("LoRA")
@@ -62,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"projections to adapt: {', '.join(VALID_TARGETS)}")
     g.add_argument("--qkv", default="", help="adapt only these parts of c_attn, each with its own A and B (e.g. qv)")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(rank)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train each output row's magnitude (Liu et al., 2024; lora/dora.py)")
+    g.add_argument("--lora-init", choices=INITS, default="default",
+                   help="pissa: start A, B from W's top-r singular vectors, W -> the residual (Meng et al., 2024)")
+    g.add_argument("--loraplus-ratio", type=float, metavar="λ",
+                   help="LoRA+: B's learning rate is λ times A's (Hayou et al., 2024; e.g. 16)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="directory holding train-v2.0.json and dev-v2.0.json (default: the Hub)")
     g.add_argument("--train-file", help="official-format SQuAD 2.0 JSON to train on")
@@ -93,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.quantize != "none" and (args.dora or args.lora_init == "pissa"):
+        p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
+    if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
+        p.error("--loraplus-ratio must be positive")
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
     for name in ("rank", "micro_batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every"):
@@ -103,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=tuple(args.targets),
-                      qkv=args.qkv, rank_stabilized=args.rslora)
+                      qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
 
 
 def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
@@ -135,10 +149,17 @@ def settings_table(s: dict) -> str:
     per_step = s["micro_batch_size"] * s["grad_accum"] * s["world_size"]
     processes = f" x {s['world_size']} processes" if s["world_size"] > 1 else ""
     epochs = f", {s['max_steps'] / s['steps_per_epoch']:.2f} epochs" if s["steps_per_epoch"] else ""
+    variants = ["DoRA"] if s["dora"] else []
+    if s["lora_init"] != "default":
+        variants.append(f"{s['lora_init']} init")
+    if s["loraplus_ratio"]:
+        variants.append(f"LoRA+ ratio {s['loraplus_ratio']:g}")
+    quantized = f", base quantized {s['quantize']}" if s["quantize"] != "none" else ""
     rows = [
-        ("model", f"{s['model']} ({s['init']} weights), {s['precision']} on {s['device']}{processes}"),
+        ("model", f"{s['model']} ({s['init']} weights), {s['precision']} on {s['device']}{processes}{quantized}"),
         ("LoRA", f"r={s['rank']}, alpha={s['alpha']:g}, dropout {s['lora_dropout']:g} on {' '.join(s['targets'])}"
-                 f"{' (' + s['qkv'] + ' of c_attn)' if s['qkv'] else ''}; {s['parameters']}"),
+                 f"{' (' + s['qkv'] + ' of c_attn)' if s['qkv'] else ''}{''.join(', ' + v for v in variants)}; "
+                 f"{s['parameters']}"),
         ("data", f"{s['train_sequences']:,} training sequences ({s['skipped_too_long']:,} too long to keep), "
                  f"{s['eval_sequences']:,} for the eval loss"),
         ("steps", f"{s['max_steps']:,} of {per_step} sequences ({s['micro_batch_size']} x {s['grad_accum']} "
@@ -166,7 +187,7 @@ def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) 
     else:
         lines.append("eval loss  not measured: the run ended before its first --eval-every")
     lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
-              f"{out / CHECKPOINT} (adapter and training state)",
+              f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
               f"score it   python evaluate.py --checkpoint {out}"]
     return "\n".join(lines)
 
@@ -204,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
 
     torch.manual_seed(args.seed)  # the same A matrices for the same seed
-    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype)
-    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device)
+    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype,
+                        args.quantize)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
+                               args.loraplus_ratio)
     scaler = grad_scaler(dtype)
     torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
     start_step = 0
@@ -232,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train_model = DistributedDataParallel(model) if world > 1 else model
     if args.compile:
+        if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
+            torch._functorch.config.cse = False
         train_model = torch.compile(train_model)
-    base = {"model": args.model, "init": args.init, "seed": args.seed, "config": vars(model.config)}
+    base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
+            "config": vars(model.config)}
 
     def save(step: int) -> None:
         states = [rng_state(device)]
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
                          precision=precision_name(dtype),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states)
+            save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
 
     def log(record: dict) -> None:
         if main_process:
@@ -264,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start_step, max_steps):
         lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
         # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
         # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
         window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)

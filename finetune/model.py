@@ -12,28 +12,32 @@ from dataclasses import asdict
 import torch
 
 from gpt2 import GPT, load_model
-from lora import LoRAConfig, apply_adapter, apply_lora, merge_lora
+from lora import LoRAConfig, apply_lora, merge_lora
+from lora.quant import quantize_base
+
+from .adapters import load_adapted_model
 
 
 def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoRAConfig, device: torch.device,
-                dtype: torch.dtype) -> GPT:
-    """The base model (pretrained, or GPT-2's random init drawn from `seed`) with LoRA in it, on `device`."""
+                dtype: torch.dtype, quantize: str = "none") -> GPT:
+    """The base model (pretrained, or GPT-2's random init drawn from `seed`) with LoRA in it, on `device`; with
+    `quantize` (int8, nf4) its block projections stored quantized (lora/quant.py), from the fp32 weights."""
     gpt = load_model(model, init, seed=seed, dropout=base_dropout)
-    apply_lora(gpt, **asdict(lora))
+    apply_lora(gpt, **asdict(lora))  # first: it wraps nn.Linear layers, which quantize_base then converts
+    quantize_base(gpt, quantize, dtype)
     for p in gpt.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     return gpt.to(device)
 
 
-def load_answerer(checkpoint: dict | None, model_name: str | None, device: torch.device, dtype: torch.dtype) -> GPT:
-    """The base named in the checkpoint (or `model_name`) with the adapter merged in, in `dtype`, for answering.
-    Without a checkpoint, the base model alone."""
-    if checkpoint is None:
-        model = load_model(model_name)
-    else:
-        base = checkpoint["base"]
-        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, checkpoint)
-        merge_lora(model)
+def load_answerer(checkpoint: str | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
+                  quantize: str = "none") -> GPT:
+    """The model that answers, in `dtype`: the adapter of `checkpoint` (a train.py run, a PEFT adapter directory
+    or its Hub id) merged into its base (or `model_name`); without a checkpoint, the base model alone. With
+    `quantize`, the base is first quantized as it was in training, so the adapter meets the weights it learned
+    on; merging then dequantizes each layer (lora/quant.py)."""
+    model = load_model(model_name) if checkpoint is None else load_adapted_model(checkpoint, model_name)
+    quantize_base(model, quantize, dtype)
+    merge_lora(model)  # in fp32, before the cast: the merged weights are rounded once
     return model.to(device, dtype).eval()

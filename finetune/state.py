@@ -13,9 +13,11 @@ import torch.distributed as dist
 from gpt2 import UserError
 from lora import load_adapter, load_lora_state_dict, lora_state_dict
 
+# Flags added after the first runs were saved: an older checkpoint's args lack them.
+DEFAULTS_OF_LATER_FLAGS = {"dora": False, "lora_init": "default", "loraplus_ratio": None, "quantize": "none"}
 # The settings that define a run: --resume with any of them changed would be another run.
-RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "max_len", "loss_on", "no_eos", "seed",
-                "micro_batch_size", "grad_accum", "data_dir", "train_file")
+RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "dora", "lora_init", "loraplus_ratio",
+                "quantize", "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir", "train_file")
 
 
 def rng_state(device: torch.device) -> dict:
@@ -31,8 +33,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path) -> None:
     """--resume continues the same run: the model, the adapter and the data recipe must be the ones it had."""
     before = checkpoint["args"]
-    changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in RUN_DEFINING
-               if before[k] != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {getattr(args, k)}" for k in RUN_DEFINING
+               if before.get(k, DEFAULTS_OF_LATER_FLAGS.get(k)) != getattr(args, k)]
     if changed:
         raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same "
                         f"ones, or start a new run with another --out")

@@ -6,16 +6,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from data.batching import Batch, eval_batches
+from lora import loraplus_param_groups
 
 from .precision import autocast
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW over A and B only: the frozen weights get no optimizer state (that is most of LoRA's memory saving).
-    On a GPU the fused implementation updates every tensor in one kernel."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, eps=eps,
-                             weight_decay=weight_decay, fused=device.type == "cuda")
+                   device: torch.device, loraplus_ratio: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the adapter only: the frozen weights get no optimizer state (that is most of LoRA's memory
+    saving). With `loraplus_ratio`, LoRA+'s two groups: B (and DoRA's magnitudes) learn that many times faster
+    than A. On a GPU the fused implementation updates every tensor in one kernel."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if loraplus_ratio is not None:
+        params = loraplus_param_groups(model, lr, loraplus_ratio, weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=device.type == "cuda")
 
 
 def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:

@@ -1,11 +1,15 @@
-"""LoRA from scratch: the adapted layer, putting it into a model, adapter checkpoints, and PEFT's format."""
+"""LoRA from scratch: the adapted layer, putting it into a model, adapter checkpoints, PEFT's format, and the
+variants DoRA, PiSSA, rsLoRA and LoRA+."""
 from .checkpoint import apply_adapter, load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
+from .dora import DoRALinear
 from .errors import LoRAError
-from .inject import (LoRAConfig, VALID_TARGETS, apply_lora, lora_layers, mark_only_lora_as_trainable, merge_lora,
-                     parameter_report, unmerge_lora)
+from .inject import (INITS, LoRAConfig, VALID_TARGETS, apply_lora, lora_layers, mark_only_lora_as_trainable,
+                     merge_lora, parameter_report, unmerge_lora)
 from .layer import LoRALinear
+from .loraplus import loraplus_param_groups
 from .peft_format import apply_peft, to_peft
 
-__all__ = ["LoRALinear", "LoRAConfig", "LoRAError", "VALID_TARGETS", "apply_lora", "lora_layers",
-           "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "parameter_report", "lora_state_dict",
-           "load_lora_state_dict", "save_adapter", "load_adapter", "apply_adapter", "to_peft", "apply_peft"]
+__all__ = ["LoRALinear", "DoRALinear", "LoRAConfig", "LoRAError", "VALID_TARGETS", "INITS", "apply_lora",
+           "lora_layers", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "parameter_report",
+           "loraplus_param_groups", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
+           "apply_adapter", "to_peft", "apply_peft"]

@@ -5,10 +5,15 @@ A checkpoint is a dict saved with torch.save:
     lora_config  LoRAConfig as a dict (rank, alpha, targets, ...)
     base         how to rebuild the frozen base: {"model": name or path, "init": "pretrained" | "random",
                  "seed": ..., "config": GPTConfig as a dict}
-    adapter      {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}: the only trained tensors
+    adapter      {"transformer.h.0.attn.c_attn.lora_A": (r, in), ...}: the only trained tensors (with DoRA also
+                 "...lora_magnitude_vector": (out,))
 train.py adds its own keys (step, optimizer, ...) beside these. For the seed's config the adapter is 589,824
 fp32 numbers (589,824 x 4 bytes, about 2.4 MB; tests/test_lora.py checks the file stays under 3 MB), against
 500 MB for a full copy of GPT-2.
+
+A PiSSA adapter is written as the plain rank-2r LoRA it amounts to on the ORIGINAL base (lora/pissa.py), with
+lora_config rank 2r and init "default": whoever loads it needs to know nothing about PiSSA.
+Checkpoints written before a LoRAConfig field existed lack it; the field's default then applies.
 """
 import os
 import tempfile
@@ -20,18 +25,21 @@ import torch.nn as nn
 
 from .errors import LoRAError
 from .inject import LoRAConfig, apply_lora
+from .pissa import lora_to_pissa, pissa_to_lora, saved_config
 
 FORMAT = "gpt2-lora/1"
 BASE_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter matrices (keys containing `lora_`), under the model's own module names."""
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    """Only the adapter tensors (keys containing `lora_`), under the model's own module names. PiSSA layers give
+    theirs as the rank-2r LoRA that applies to the original weight."""
+    return pissa_to_lora(model, {k: v for k, v in model.state_dict().items() if "lora_" in k})
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load A and B into a model that already has adapters; every key and shape must match."""
+    """Load A and B (and DoRA's m) into a model that already has adapters; every key and shape must match.
+    The inverse of lora_state_dict, PiSSA models included."""
     expected = lora_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -40,12 +48,12 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if missing or unexpected or wrong:
         raise LoRAError(f"the adapter does not fit this model's LoRA layers: {len(missing)} missing {missing[:2]}, "
                         f"{len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of another shape {wrong[:2]}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(lora_to_pissa(model, state), strict=False)
 
 
 def save_adapter(path: str | os.PathLike, model: nn.Module, lora_config: LoRAConfig, base: dict, **extra) -> None:
     """Write the adapter checkpoint atomically; `extra` adds keys (a training run's state)."""
-    checkpoint = {"format": FORMAT, "lora_config": asdict(lora_config), "base": base,
+    checkpoint = {"format": FORMAT, "lora_config": asdict(saved_config(lora_config)), "base": base,
                   "adapter": lora_state_dict(model), **extra}
     _atomic_save(checkpoint, path)
 

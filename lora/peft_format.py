@@ -31,8 +31,10 @@ import re
 import torch
 import torch.nn as nn
 
+from .dora import DoRALinear
 from .errors import LoRAError
 from .inject import LoRAConfig, mark_only_lora_as_trainable
+from .pissa import pissa_to_lora, saved_config
 from .layer import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -64,11 +66,21 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 def to_peft(model: nn.Module, config: LoRAConfig,
             base_model_name_or_path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """adapter_config.json's content and adapter_model.safetensors' tensors for `model`'s adapters (as applied
-    with `config`), the fields PEFT needs to load them onto `base_model_name_or_path`."""
+    with `config`), the fields PEFT needs to load them onto `base_model_name_or_path`.
+
+    DoRA exports as PEFT's DoRA (`use_dora`, plus each module's `lora_magnitude_vector`: PEFT takes the same
+    per-output-row norm). PiSSA exports as the plain rank-2r LoRA it amounts to on the original base, as our own
+    checkpoints do (lora/pissa.py), which is also what PEFT's own PiSSA-to-LoRA conversion writes."""
+    state = pissa_to_lora(model, {})  # A and B of the PiSSA layers as plain LoRA on the original weights
+    config = saved_config(config)
     tensors = {}
     for name, layer in _named_lora_layers(model):
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().float()  # (n*r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.full_B().detach().float()  # (out, n*r)
+        A = state.get(f"{name}.lora_A", layer.lora_A)  # (n*r, in)
+        B = state.get(f"{name}.lora_B", layer.full_B())  # (out, n*r)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.detach().float()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.detach().float()
+        if isinstance(layer, DoRALinear):
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().float()  # (out,)
     rank_pattern, alpha_pattern = {}, {}
     if config.qkv:  # n parts, each of rank r: one rank-n*r adapter whose alpha keeps the scaling
         n = len(config.qkv)
@@ -87,7 +99,7 @@ def to_peft(model: nn.Module, config: LoRAConfig,
         "fan_in_fan_out": True,  # GPT-2's projections are Conv1D in transformers
         "bias": "none",
         "use_rslora": config.rank_stabilized,
-        "use_dora": False,
+        "use_dora": config.dora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": None,

@@ -10,7 +10,8 @@
 # - the seed recipe end to end (gpt2 shapes, random weights, the dev set as training data, 1200 steps of 50
 #   sequences, the eval loss on 500 questions every 200 steps), evaluate.py on its checkpoint, and the same steps
 #   split as the seed split them (5 x 10 micro-batches) for comparison;
-# - answering all 11,873 dev questions.
+# - answering all 11,873 dev questions;
+# - last, if time is left: gpt2-xl shapes compiled, batch 4 x 512, with the base in bf16, nf4 and int8.
 # scripts/gpu_summary.py prints the table last. Logs go to /tmp/gpu-check; with $OUT set (the folder the device
 # tool brings back) they are packed into $OUT/gpu-check.tgz and the table is copied to $OUT/summary.txt. Steps have
 # time limits and none starts after 560 s, so the table always comes.
@@ -32,10 +33,10 @@ PY=${PYTHON:-python3}
 
 if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-  SMALL=gpt2 MEDIUM=gpt2-medium STEPS=1200 ANSWERS=11873 LIMIT=1000 SHORT=""
+  SMALL=gpt2 MEDIUM=gpt2-medium LARGE=gpt2-xl STEPS=1200 ANSWERS=11873 LIMIT=1000 SHORT=""
 else
   GPU="no CUDA: a check of this script on gpt2-tiny shapes; no figure here counts"
-  SMALL=gpt2-tiny MEDIUM=gpt2-tiny STEPS=12 ANSWERS=64 LIMIT=16 SHORT="--steps 1 --warmup 1"
+  SMALL=gpt2-tiny MEDIUM=gpt2-tiny LARGE=gpt2-tiny STEPS=12 ANSWERS=64 LIMIT=16 SHORT="--steps 1 --warmup 1"
 fi
 echo "$GPU" | tee "$LOG/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOG/gpu.txt"
@@ -68,6 +69,10 @@ cuda_only step anchor-medium 60 $PY "$ANCHOR" --model gpt2-medium --batch-size 1
 step ours-medium 50 $PY $BENCH --model $MEDIUM --steps 10 --answers 0 $SHORT
 step seed-5x10 40 $PY $SEED --micro-batch-size 5 --grad-accum 10 --max-steps $((STEPS / 12)) --eval-every 100000 \
   --log-every 10 --out "$LOG/seed-5x10"
+XL="bench.py --model $LARGE --batch-size 4 --seq-len 512 --rank 4 --answers 0 --compile $SHORT"
+step xl-bf16 100 $PY $XL
+step xl-nf4 100 $PY $XL --quantize nf4
+step xl-int8 100 $PY $XL --quantize int8
 
 $PY scripts/gpu_summary.py "$LOG" "$GPU" | tee "$LOG/summary.txt"
 if [[ -n ${OUT:-} ]]; then

@@ -64,6 +64,13 @@ def main(log: Path, gpu: str) -> None:
               f"median {median_speed(log / 'seed-run')} tokens/s, eval losses {evals}")
         print(f"  the same steps as 5 x 10 micro-batches (the seed's split): median "
               f"{median_speed(log / 'seed-5x10')} tokens/s")
+    xl = {mode: last(log, f"xl-{mode}") for mode in ("bf16", "nf4", "int8")}
+    if xl["bf16"]:
+        print("\n  gpt2-xl shapes, compiled, batch 4 x 512: base  tokens/s  peak GB  (vs bf16)")
+        for mode, r in xl.items():
+            if r:
+                print(f"    {mode:<5} {r['tokens_per_s']:>9} {str(r['peak_GB']):>8}  ({ratio(r, xl['bf16'], 'tokens_per_s')} "
+                      f"speed, {ratio(r, xl['bf16'], 'peak_GB')} memory)")
     metrics = log / "seed-run" / "metrics.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())

@@ -109,7 +109,7 @@ def test_lora_learns_to_answer_on_the_gpu(precision, learned_runs, short_dev_fil
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_answers_batched_equal_one_by_one_and_fp32(precision, learned_runs, short_dev_file):
-    checkpoint = load_adapter(learned_runs[precision] / "checkpoint.pt")
+    checkpoint = str(learned_runs[precision])
     questions = load_squad_file(short_dev_file)
     half = load_answerer(checkpoint, None, CUDA, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
     batched = answer(half, questions, batch_size=16, max_new_tokens=24, progress=False)

@@ -12,7 +12,6 @@ from conftest import DEV_FILE
 from data.metrics import seed_subset_indices
 from data.squad import SquadExample, load_squad_file
 from gpt2 import GPT, UserError, preset
-from lora import load_adapter
 
 DEV = load_squad_file(DEV_FILE)
 
@@ -87,7 +86,7 @@ def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
     assert "Winograd" in capsys.readouterr().out
     evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--context", "Paris is in France.", "--question",
                    "Where is Paris?", "--max-new-tokens", "5"])
-    model = load_answerer(load_adapter(run / "checkpoint.pt"), None, torch.device("cpu"), torch.float32)
+    model = load_answerer(str(run / "checkpoint.pt"), None, torch.device("cpu"), torch.float32)
     expected = answer(model, [SquadExample("q", "Paris is in France.", "Where is Paris?", [])], 1, 5, False)
     assert capsys.readouterr().out == expected[0] + "\n"
 

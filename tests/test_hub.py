@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import load_adapted_model, save_peft_adapter
+from finetune.adapters import load_adapted_model, save_peft_adapter
 from conftest import ROOT, TINY_SHAPE, random_hf_gpt2, save_hub_layout
 from gpt2 import UserError, from_pretrained
 from lora import LoRAConfig, apply_lora

@@ -8,14 +8,14 @@ import copy
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
-from conftest import ROOT, random_hf_gpt2, save_hub_layout
+from finetune.adapters import load_adapted_model, read_peft_adapter, save_peft_adapter
+from conftest import DEV_FILE, ROOT, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, GPTConfig, from_pretrained, save_pretrained
 from gpt2.safetensors import load_safetensors, save_safetensors
 from lora import LoRAConfig, LoRAError, apply_lora, apply_peft, lora_layers, merge_lora, save_adapter
@@ -80,7 +80,8 @@ def test_writer_leaves_the_old_file_when_it_fails(tmp_path):
 
 # --- ours -> PEFT -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [FULL, QV_RS], ids=["full", "qv-rslora"])
+@pytest.mark.parametrize("config", [FULL, QV_RS, replace(FULL, dora=True), replace(FULL, init="pissa")],
+                         ids=["full", "qv-rslora", "dora", "pissa"])
 def test_exported_adapter_gives_peft_our_logits(hf_base, tmp_path, config):
     from peft import PeftModel
     hf, base_dir = hf_base
@@ -167,6 +168,18 @@ def test_peft_adapter_imported_gives_peft_logits(hf_base, tmp_path, options):
     assert rel_err(logits(hf), expected) > 1e-2
     merge_lora(model)
     assert rel_err(logits(model), expected) < 1e-5
+
+
+def test_evaluate_scores_a_peft_adapter_directory(hf_base, tmp_path):
+    """evaluate.py --checkpoint PEFT_DIR --model BASE_DIR: answers with PEFT's adapter merged into that base."""
+    import evaluate
+    hf, base_dir = hf_base
+    peft_adapter(hf, tmp_path / "adapter", "someone/not-to-be-downloaded", r=2, lora_alpha=4,
+                 target_modules=["c_attn"])
+    evaluate.main(["--checkpoint", str(tmp_path / "adapter"), "--model", str(base_dir), "--eval-file", str(DEV_FILE),
+                   "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["total"] == 3
+    assert len(json.loads((tmp_path / "m.predictions.json").read_text())) == 3
 
 
 def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):

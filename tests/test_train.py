@@ -147,3 +147,22 @@ def test_lora_learns_to_answer_memorised_questions(short_dev_file, tmp_path):
     predictions = json.loads((tmp_path / "m.predictions.json").read_text())
     golds = {ex.id: ex.answers for ex in load_squad_file(short_dev_file)}
     assert all((text == "") == (golds[qid] == []) for qid, text in predictions.items())
+
+
+@pytest.mark.parametrize("variant", [["--dora"], ["--lora-init", "pissa"],
+                                     ["--loraplus-ratio", "4", "--lr", "2.5e-3"],  # B at 1e-2, A 4x slower
+                                     ["--rslora", "--alpha", "8"],  # scaling 8 / sqrt(16) = 2, as 32 / 16
+                                     ["--quantize", "nf4"]],
+                         ids=["dora", "pissa", "loraplus", "rslora", "nf4"])
+def test_each_lora_variant_learns_to_answer_memorised_questions(short_dev_file, tmp_path, variant):
+    """The variants end to end: trained, saved (PiSSA as a plain LoRA on the original base; nf4 with its
+    quantization recorded, so evaluate.py rebuilds the same 4-bit base), reloaded by evaluate.py, they answer the
+    16 memorised questions exactly."""
+    train.main(tiny_args(short_dev_file, tmp_path, "--rank", "16", "--alpha", "32", "--lora-dropout", "0",
+                         "--base-dropout", "0", "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "300",
+                         "--micro-batch-size", "16", "--grad-accum", "1", "--loss-on", "answer",
+                         "--eval-every", "100", "--log-every", "100", *variant))
+    evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
+                   str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["exact"] == 100.0 and metrics["total"] == 16

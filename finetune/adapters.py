@@ -81,6 +81,14 @@ def read_peft_adapter(dir_or_repo_id: str) -> tuple[dict, dict[str, torch.Tensor
     return config, load_safetensors(weights_file)
 
 
+def recorded_quantization(checkpoint: str) -> str:
+    """How the base of a train.py run was quantized ("none", "int8", "nf4"); "none" for a PEFT adapter."""
+    path = Path(checkpoint)
+    if path.is_file() or (path / CHECKPOINT).is_file():
+        return load_adapter(path if path.is_file() else path / CHECKPOINT)["base"].get("quantize", "none")
+    return "none"
+
+
 def load_adapted_model(checkpoint: str, model_name: str | None = None) -> GPT:
     """The base model with the adapter's LoRA layers (fp32, on the CPU, not merged), from
     - a train.py run directory or its checkpoint.pt: the base it was trained on (name, init, seed);
