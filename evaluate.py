@@ -4,10 +4,13 @@
     python evaluate.py --checkpoint runs/gpt2-lora --subset seed         # the seed notebook's 100 questions
     python evaluate.py --checkpoint runs/gpt2-lora --context "..." --question "..."
     python evaluate.py --predictions preds.json --eval-file dev-v2.0.json   # score a predictions file
+    python evaluate.py --checkpoint runs/gpt2-lora --na-threshold 0.3 --report report.md
 
-Metrics: the official SQuAD 2.0 exact match and F1 (overall, answerable, unanswerable); BLEU-1 computed like
-the seed's metric with the right references (`bleu1`); and the seed's own protocol with its reference bug
-(`bleu1_seed`), for comparison with the 13.89% it reported.
+Metrics: the official SQuAD 2.0 exact match and F1 (overall, answerable, unanswerable); with the model's
+no-answer probabilities, the official best_exact / best_f1 and their thresholds; BLEU-1 computed like the seed's
+metric with the right references (`bleu1`); and the seed's own protocol with its reference bug (`bleu1_seed`), for
+comparison with the 13.89% it reported. Then a breakdown: answered or abstained, F1 by question word and by gold
+answer length, and the worst answers.
 """
 import argparse
 import json
@@ -17,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from data.metrics import bleu1, correct_references, seed_references, seed_subset_indices, squad_v2_scores
+from data.breakdown import breakdown, breakdown_markdown, to_markdown
+from data.metrics import (best_thresholds, bleu1, correct_references, seed_references, seed_subset_indices,
+                          squad_v2_scores)
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
-from finetune.answer import answer, official_answer
-from finetune.adapters import CHECKPOINT, recorded_quantization
+from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
+from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import UserError
@@ -50,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (the seed's: 128)")
     p.add_argument("--out", help="metrics JSON (default: metrics.<what was scored>.json in the run directory, e.g. "
                    "metrics.dev.seed.json); the predictions go beside it as <name>.predictions.json")
+    p.add_argument("--na-threshold", type=float, metavar="T", help="abstain where the no-answer probability is "
+                   "above T, else give the best answer that is not an abstention (default: greedy decides)")
+    p.add_argument("--report", metavar="FILE.md", help="also write the metrics and the breakdown as Markdown")
     p.add_argument("--examples", type=int, default=3, help="answered examples to show")
     p.add_argument("--context", help="answer one question about this text (with --question)")
     p.add_argument("--question")
@@ -61,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.max_new_tokens < 1000:
         p.error("--max-new-tokens must be between 1 and 999: prompt and answer share GPT-2's 1024 tokens")
+    if args.na_threshold is not None and not (0 <= args.na_threshold <= 1 and args.predictions is None):
+        p.error("--na-threshold is a probability (0 to 1) applied while answering: not with --predictions")
     if (args.context is None) != (args.question is None):
         p.error("--context and --question go together")
     if args.predictions is None and args.checkpoint is None and args.model is None:
@@ -68,15 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def score(examples: list[SquadExample], predictions: dict[str, str], seed_positions: list[int] | None) -> dict:
+def score(examples: list[SquadExample], predictions: dict[str, str], seed_positions: list[int] | None,
+          na_probs: dict[str, float] | None = None) -> dict:
     """Every metric of the evaluation. In `predictions`, "" and "Cannot Find Answer" both mean no answer: for
-    EM/F1 that is "", for BLEU the text "Cannot Find Answer" (what the references say)."""
+    EM/F1 that is "", for BLEU the text "Cannot Find Answer" (what the references say). With `na_probs`, the
+    official best_exact / best_f1 and their thresholds too."""
     golds = {ex.id: ex.answers for ex in examples}
     official = {qid: official_answer(text) for qid, text in predictions.items()}
     try:
         metrics: dict = squad_v2_scores(golds, official)
     except ValueError as e:
         raise UserError(f"the predictions do not match the questions: {e}") from None
+    if na_probs is not None:
+        metrics.update(best_thresholds(golds, official, na_probs))
     as_text = [official[ex.id] or NO_ANSWER for ex in examples]
     metrics["bleu1"] = bleu1(as_text, [correct_references(ex.answers) for ex in examples])
     if seed_positions is not None:
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     examples, seed_positions = select(load_split("eval", args.data_dir, args.eval_file), args)
+    na_probs = None
     if args.predictions:
         try:
             predictions = json.loads(Path(args.predictions).read_text())
@@ -186,26 +201,47 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = load_answerer(args.checkpoint, args.model, device, dtype, quantize)
         start = time.perf_counter()
-        answers = answer(model, examples, args.batch_size, args.max_new_tokens)
+        probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
+                                              add_eos=trained_with_eos(args.checkpoint))
+        na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
+        na_seconds, start = time.perf_counter() - start, time.perf_counter()
+        if args.na_threshold is None:
+            answers = answer(model, examples, args.batch_size, args.max_new_tokens)
+        else:
+            answers = answer_with_threshold(model, examples, probabilities, args.na_threshold, args.batch_size,
+                                            args.max_new_tokens)
         seconds = time.perf_counter() - start
-        print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second)")
+        print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second); "
+              f"their no-answer probabilities took {na_seconds:.1f} s")
         predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
         show_examples(examples, answers, args.examples)
         print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "
               f"{answer(model, [SquadExample('winograd', *WINOGRAD, [])], 1, args.max_new_tokens, False)[0]!r} "
               f"(the seed answered 'the brown suitcase.')\n")
 
-    metrics = score(examples, predictions, seed_positions)
+    metrics = score(examples, predictions, seed_positions, na_probs)
+    if args.na_threshold is not None:
+        metrics["na_threshold"] = args.na_threshold
     print_metrics(metrics)
+    tables = breakdown(examples, {qid: official_answer(text) for qid, text in predictions.items()}, na_probs)
+    print("\n" + breakdown_markdown(tables))
+    metrics["breakdown"] = tables
     out = metrics_path(args)
     replacing = out.exists()
+    written = [out]
     with atomic_write(out, "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.predictions:
-        with atomic_write(beside(out, "predictions"), "w") as f:
-            json.dump(predictions, f, indent=2)
-    print(f"\nwrote {out}" + ("" if args.predictions else f" and {beside(out, 'predictions')}") +
-          (" (replacing those of the same questions)" if replacing else ""), file=sys.stderr)
+        written += [beside(out, "predictions"), beside(out, "na_prob")]
+        for path, content in zip(written[1:], (predictions, na_probs)):
+            with atomic_write(path, "w") as f:
+                json.dump(content, f, indent=2)
+    if args.report:
+        written.append(Path(args.report))
+        with atomic_write(args.report, "w") as f:
+            f.write(to_markdown(metrics, tables, f"Evaluation of {args.checkpoint or args.predictions or args.model}"))
+    print(f"\nwrote {', '.join(map(str, written))}" + (" (replacing those of the same questions)" if replacing else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,20 @@ Hub's data and weights:
     torchrun --nproc_per_node=4 train.py ...                    # data parallel over 4 GPUs
 
 Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
-checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues, and
-adapter/ (the same adapter in PEFT's format, for transformers + PEFT users).
+checkpoint.pt (adapter, settings and training state), which evaluate.py scores and --resume continues,
+adapter/ (the same adapter in PEFT's format, for transformers + PEFT users) and, with --eval-answers, best/ (the
+adapter of the best eval F1 so far).
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -34,6 +35,7 @@ from data.squad import load_split
 from finetune.adapters import ADAPTER_DIR, CHECKPOINT, save_peft_adapter
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
+from finetune.quality import BEST, answer_quality, best_f1, describe, fixed_subset, save_best
 from finetune.signals import EXIT_CODE, StopRequest
 from finetune.state import restore, rng_state
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
@@ -41,6 +43,8 @@ from gpt2 import UserError
 from gpt2.files import atomic_write
 from lora import INITS, LoRAConfig, VALID_TARGETS, parameter_report, save_adapter
 from lora.quant import MODES
+
+EVAL_ANSWERS_ON_GPU = 200  # --eval-answers' default on a GPU: seconds per evaluation; on a CPU, 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, logging and checkpoints")
     g.add_argument("--eval-every", type=int, default=200, help="steps between eval-loss measurements")
     g.add_argument("--eval-examples", type=int, help="eval loss on this many eval questions (default: all)")
+    g.add_argument("--eval-answers", type=int, metavar="N", help="also answer this many eval questions (a fixed "
+                   f"random set) at each evaluation: EM, F1, abstentions, and best/ (default: {EVAL_ANSWERS_ON_GPU} on a "
+                   "GPU, 0 on a CPU)")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
@@ -120,17 +127,15 @@ def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
                       qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
 
 
-def prepare_data(args: argparse.Namespace) -> tuple[list, int, list]:
-    """Training sequences, how many examples were too long to keep, and the eval-loss sequences."""
+def prepare_data(args: argparse.Namespace) -> tuple[list, int, list, list]:
+    """Training sequences, how many examples were too long to keep, the eval-loss sequences (a fixed random subset
+    with --eval-examples, the same at every evaluation), and all the eval questions."""
     train_examples = load_split("train", args.data_dir, args.train_file)
     eval_examples = load_split("eval", args.data_dir, args.eval_file)
-    if args.eval_examples is not None:  # a fixed random subset, the same at every evaluation
-        keep = np.sort(np.random.default_rng(0).permutation(len(eval_examples))[:args.eval_examples])
-        eval_examples = [eval_examples[i] for i in keep]
     encode = dict(max_len=args.max_len, add_eos=not args.no_eos, loss_on=args.loss_on, seed=args.seed)
     train_sequences, skipped = training_sequences(train_examples, **encode)
-    eval_sequences, _ = training_sequences(eval_examples, **encode)
-    return train_sequences, skipped, eval_sequences
+    eval_sequences, _ = training_sequences(fixed_subset(eval_examples, args.eval_examples), **encode)
+    return train_sequences, skipped, eval_sequences, eval_examples
 
 
 def warmup_warning(warmup_steps: int, max_steps: int, lr: float) -> str | None:
@@ -166,7 +171,9 @@ def settings_table(s: dict) -> str:
                   f"accumulated{processes}){epochs}"),
         ("optimizer", f"AdamW, lr {s['lr']:g} after {s['warmup_steps']} warmup steps, then linear decay to 0; "
                       f"weight decay {s['weight_decay']:g}, clipping {s['clip']:g}"),
-        ("eval loss", f"every {s['eval_every']} steps; a checkpoint every {s['save_every']} steps"),
+        ("eval loss", f"every {s['eval_every']} steps" + (f", with answers to {s['eval_answers']:,} questions"
+                                                          if s["eval_answers"] else "")
+                      + f"; a checkpoint every {s['save_every']} steps"),
         ("out", f"{s['out']} (every setting in config.json)"),
     ]
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
@@ -186,6 +193,11 @@ def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) 
         lines.append(f"eval loss  {last:.4f} at step {last_step} (last), {best:.4f} at step {best_step} (best)")
     else:
         lines.append("eval loss  not measured: the run ended before its first --eval-every")
+    f1s = [(r["f1"], r["step"]) for r in records if "f1" in r]
+    if f1s:
+        (last, last_step), (best, best_step) = f1s[-1], max(f1s)
+        lines.append(f"eval F1    {last:.1f} at step {last_step} (last), {best:.1f} at step {best_step} (best: its "
+                     f"adapter is {out / BEST})")
     lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
               f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
               f"score it   python evaluate.py --checkpoint {out}"]
@@ -220,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{out} already holds a run: continue it with --resume, or choose another --out")
     dtype = resolve_precision(args.precision, device)
 
-    train_sequences, skipped, eval_sequences = prepare_data(args)
+    train_sequences, skipped, eval_sequences, eval_examples = prepare_data(args)
+    eval_answers = args.eval_answers if args.eval_answers is not None else \
+        EVAL_ANSWERS_ON_GPU if device.type == "cuda" else 0
+    answer_examples = fixed_subset(eval_examples, eval_answers) if eval_answers > 0 else []
     steps_per_epoch = len(train_sequences) // (args.micro_batch_size * args.grad_accum * world)
     max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
 
@@ -234,12 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     start_step = 0
     if args.resume:
         start_step = restore(checkpoint_path, args, model, optimizer, scaler, device)
-    else:
-        (out / "log.jsonl").unlink(missing_ok=True)  # left by a run that stopped before its first checkpoint
+    else:  # left by a run that stopped before its first checkpoint
+        (out / "log.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / BEST, ignore_errors=True)
+    best = best_f1(out)  # the F1 to beat
 
     settings = {**vars(args), "max_steps": max_steps, "device": str(device), "world_size": world,
                 "precision": precision_name(dtype), "train_sequences":
                 len(train_sequences), "skipped_too_long": skipped, "eval_sequences": len(eval_sequences),
+                "eval_answers": len(answer_examples),
                 "steps_per_epoch": steps_per_epoch, "lora": asdict(lora_config_from(args)),
                 "parameters": parameter_report(model)}
     stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
@@ -287,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                 "start": time.perf_counter()}
 
     window = new_window()
+    shown = {}  # the last eval F1, for the progress bar
     started, trained_tokens = time.perf_counter(), 0  # for the summary at the end
     for step in range(start_step, max_steps):
         lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
@@ -316,15 +335,23 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"the loss became {loss} by step {done}; stopped without saving, so "
                                 f"{checkpoint_path} holds the last good state. Try a lower --lr.")
             elapsed = time.perf_counter() - window["start"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}", **shown)
         if done % args.log_every == 0 or done == max_steps:
             log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": window["tokens"] / elapsed,
                  "padding": 1 - window["tokens"] / window["padded"]})
             window = new_window()
         if done % args.eval_every == 0:
             value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
-            log({"step": done, "eval_loss": value})
-            bar.write(f"step {done}: eval loss {value:.4f}")
+            record = {"step": done, "eval_loss": value}
+            if answer_examples and main_process:
+                quality = answer_quality(model, answer_examples, args.eval_batch_size, device, dtype)
+                record.update(quality)
+                shown["f1"] = f"{quality['f1']:.1f}"
+                if best is None or quality["f1"] > best:
+                    best = quality["f1"]
+                    save_best(out, model, lora_config_from(args), base, vars(args), done, quality)
+            log(record)
+            bar.write(f"step {done}: eval loss {value:.4f}" + (f", {describe(quality)}" if "f1" in record else ""))
         if saving:
             save(done)
         if stopping:

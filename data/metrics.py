@@ -112,6 +112,37 @@ def squad_v2_scores(golds: dict[str, list[str]], predictions: dict[str, str]) ->
     return scores
 
 
+def best_thresholds(golds: dict[str, list[str]], predictions: dict[str, str],
+                    na_probs: dict[str, float]) -> dict[str, float]:
+    """``best_exact``, ``best_exact_thresh``, ``best_f1``, ``best_f1_thresh``: what the official
+    ``evaluate-v2.0.py`` reports given a no-answer probability for every question (``--na-prob-file``).
+
+    A threshold t makes every question with ``na_prob > t`` abstain. The script sweeps t over the
+    na_probs: below all of them every question abstains, which scores one point per unanswerable
+    question. Then, in increasing na_prob order (ties in ``na_probs``' order: a stable sort), each
+    question in turn keeps its prediction: an answerable one adds its EM (or F1) against the golds (0
+    for an empty prediction), an unanswerable one loses its point if the prediction is an answer. The
+    best running total (x100 / questions) and the na_prob at which it was first reached (0.0 if
+    abstaining everywhere is best) are the result. Inputs as in ``squad_v2_scores``, ids the same.
+    """
+    if set(na_probs) != set(golds):
+        raise ValueError("na_probs must have one probability for every question")
+    result = {}
+    for name, score in (("exact", exact_match), ("f1", f1)):
+        total = best = sum(1 for answers in golds.values() if not answers)
+        best_thresh = 0.0
+        for qid in sorted(na_probs, key=lambda q: na_probs[q]):
+            if golds[qid]:
+                total += score(predictions[qid], golds[qid])
+            elif predictions[qid]:
+                total -= 1
+            if total > best:
+                best, best_thresh = total, na_probs[qid]
+        result[f"best_{name}"] = 100.0 * best / len(golds)
+        result[f"best_{name}_thresh"] = best_thresh
+    return result
+
+
 # --------------------------------------------------------------------------- the seed's BLEU-1
 
 

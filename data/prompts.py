@@ -35,6 +35,12 @@ def encode_prompt(context_ids: Sequence[int], question: str, max_tokens: int) ->
     return head + list(context_ids[:room]) + tail, max(0, len(context_ids) - room)
 
 
+def answer_tokens(answer: str, add_eos: bool) -> list[int]:
+    """The tokens the model is trained to write after the prompt: the answer, then EOS unless `add_eos` is off
+    (--no-eos). For an unanswerable question: "Cannot Find Answer" = C|annot| Find| Answer, then EOS."""
+    return get_tokenizer().encode_ordinary(answer) + ([EOS_ID] if add_eos else [])
+
+
 def encode_training_example(context_ids: Sequence[int], question: str, answer: str, max_len: int,
                             add_eos: bool, loss_on: str) -> tuple[list[int], int] | None:
     """(token ids, first loss position), or None if question and answer alone exceed `max_len`.
@@ -43,7 +49,7 @@ def encode_training_example(context_ids: Sequence[int], question: str, answer: s
     the seed), or only those predicting the answer and EOS (`loss_on="answer"`). EOS after the answer teaches
     the model to stop; the seed had none, so its model rambles on until the token limit.
     """
-    answer_ids = get_tokenizer().encode_ordinary(answer) + ([EOS_ID] if add_eos else [])
+    answer_ids = answer_tokens(answer, add_eos)
     encoded = encode_prompt(context_ids, question, max_len - len(answer_ids))
     if encoded is None:
         return None

@@ -89,6 +89,15 @@ def recorded_quantization(checkpoint: str) -> str:
     return "none"
 
 
+def trained_with_eos(checkpoint: str | None) -> bool:
+    """Whether the adapter learned to write EOS after its answers (a train.py run without --no-eos). A PEFT
+    adapter, or none, gets train.py's default: yes."""
+    path = Path(checkpoint) if checkpoint else None
+    if path and (path.is_file() or (path / CHECKPOINT).is_file()):
+        return not load_adapter(path if path.is_file() else path / CHECKPOINT).get("args", {}).get("no_eos", False)
+    return True
+
+
 def load_adapted_model(checkpoint: str, model_name: str | None = None) -> GPT:
     """The base model with the adapter's LoRA layers (fp32, on the CPU, not merged), from
     - a train.py run directory or its checkpoint.pt: the base it was trained on (name, init, seed);

@@ -41,9 +41,12 @@ def precision_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Matmuls in `dtype` while A and B stay fp32 (a no-op for fp32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """Matmuls in `dtype` while A and B stay fp32 (a no-op for fp32). `cache_enabled=False` for CUDA-graph capture:
+    autocast's cache of casted weights lives only as long as the autocast region, a recorded graph longer."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def grad_scaler(dtype: torch.dtype) -> torch.amp.GradScaler | None:

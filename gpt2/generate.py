@@ -11,37 +11,27 @@ STOP_CHECK_EVERY = 4  # asking "is every row done?" waits for the GPU; ask every
 
 @torch.no_grad()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             stop_sequences: Sequence[Sequence[int]] = (), eos_id: int = EOS_ID) -> list[list[int]]:
+             stop_sequences: Sequence[Sequence[int]] = (), eos_id: int = EOS_ID,
+             forbid_first: Sequence[int] = ()) -> list[list[int]]:
     """Greedy continuations of a batch of token-id prompts, of any lengths; returns the new tokens of each.
 
     A row stops at `eos_id` or at any of `stop_sequences`; neither is included in what is returned. Prompts are
     left-padded so that every row's next token sits in the same column: one forward pass per new token for the
-    whole batch, each attending only to its own row's cached keys (see KVCache).
+    whole batch, each attending only to its own row's cached keys (see KVCache). `forbid_first`: token ids that
+    may not be the first new token (their first-step logits become -inf), e.g. to rule out one answer's start.
     """
-    limit = model.config.block_size
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    for i, p in enumerate(prompts):
-        if not 0 < len(p) <= limit - max_new_tokens:
-            raise ValueError(f"prompt {i} has {len(p)} tokens: with {max_new_tokens} new tokens it must have 1 to "
-                             f"{limit - max_new_tokens} to fit the {limit}-token context; shorten it")
-    device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
-    B, T = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, T), EOS_ID, dtype=torch.long)  # padding: any token, it is never attended to
-    for row, p in enumerate(prompts):
-        idx[row, T - len(p):] = torch.tensor(p)
-    pad = torch.tensor([T - len(p) for p in prompts], device=device)
-    stops = [torch.tensor(s, device=device) for s in stop_sequences]
-
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config, pad, max_len=T + max_new_tokens, dtype=dtype)
-        logits = model(idx.to(device, non_blocking=True), cache=cache)  # (B, V): prefill the whole prompts
+        cache, logits = _prefill(model, prompts, max_new_tokens)  # (B, V): the next token after each prompt
+        if forbid_first:
+            logits[:, list(forbid_first)] = float("-inf")
         token = logits.argmax(dim=-1)  # (B,)
         decode = _decoder(model, cache, token) if max_new_tokens > 1 else None
+        B, device = len(prompts), token.device
         new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        stops = [torch.tensor(s, device=device) for s in stop_sequences]
         for step in range(max_new_tokens):
             new[:, step] = token
             done |= token == eos_id
@@ -55,6 +45,49 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         model.train(was_training)
     rows = new[:, :step + 1].tolist()
     return [_cut_at_stop(row, eos_id, [list(s) for s in stop_sequences]) for row in rows]
+
+
+@torch.no_grad()
+def continuation_log_prob(model: GPT, prompts: Sequence[Sequence[int]], continuation: Sequence[int]) -> torch.Tensor:
+    """log P(continuation | prompt) for every prompt, (B,) in fp32: the same tokens teacher-forced after each one.
+
+    The sum over the continuation's tokens of log softmax(logits)[token], each given the prompt and the
+    continuation's tokens before it. It runs on generate()'s path (left padding, KV cache): the prefill scores the
+    first token, then the continuation's tokens go in one cached position per call, as generated tokens would.
+    A continuation is a few tokens, so the prefill is nearly all the cost: about one forward pass over the prompts.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        cache, logits = _prefill(model, prompts, len(continuation))
+        total = torch.zeros(len(prompts), device=logits.device)
+        for i, token in enumerate(continuation):
+            total += logits.float().log_softmax(dim=-1)[:, token]
+            if i + 1 < len(continuation):
+                logits = model(torch.full((len(prompts), 1), token, device=logits.device), cache=cache)
+    finally:
+        model.train(was_training)
+    return total
+
+
+def _prefill(model: GPT, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+    """Run the left-padded prompts through the model in one pass; returns their KV cache, with room for
+    `new_tokens` more positions, and the logits (B, V) of the token after each prompt."""
+    limit = model.config.block_size
+    if new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {new_tokens}")
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) <= limit - new_tokens:
+            raise ValueError(f"prompt {i} has {len(p)} tokens: with {new_tokens} new tokens it must have 1 to "
+                             f"{limit - new_tokens} to fit the {limit}-token context; shorten it")
+    device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T), EOS_ID, dtype=torch.long)  # padding: any token, it is never attended to
+    for row, p in enumerate(prompts):
+        idx[row, T - len(p):] = torch.tensor(p)
+    pad = torch.tensor([T - len(p) for p in prompts], device=device)
+    cache = KVCache(model.config, pad, max_len=T + new_tokens, dtype=dtype)
+    return cache, model(idx.to(device, non_blocking=True), cache=cache)
 
 
 def _decoder(model: GPT, cache: KVCache, token: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -173,3 +173,16 @@ def test_resume_on_the_gpu_is_bit_exact(short_dev_file, tmp_path):
     straight = load_adapter(tmp_path / "straight" / "checkpoint.pt")["adapter"]
     resumed = load_adapter(tmp_path / "resumed" / "checkpoint.pt")["adapter"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_answers_while_training_on_the_gpu(short_dev_file, tmp_path):
+    """--eval-answers on by default on a GPU: the unmerged adapter answers under bf16 autocast, through the CUDA-graph
+    decoder, and best/ keeps the best adapter."""
+    train.main(tiny_args(short_dev_file, tmp_path, "--max-steps", "4", "--eval-every", "2", "--micro-batch-size", "4",
+                         "--grad-accum", "1"))
+    assert json.loads((tmp_path / "config.json").read_text())["eval_answers"] == 16  # all 16: fewer than 200
+    evals = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 2 and all(0 <= r["f1"] <= 100 and 0 <= r["abstained"] <= 1 for r in evals)
+    best = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert best["f1"] == max(r["f1"] for r in evals)
+    assert load_adapter(tmp_path / "best" / "checkpoint.pt")["step"] == best["step"]

@@ -9,7 +9,7 @@ import train
 from finetune.answer import answer, clean_answer, official_answer
 from finetune.model import load_answerer
 from conftest import DEV_FILE
-from data.metrics import seed_subset_indices
+from data.metrics import best_thresholds, seed_subset_indices
 from data.squad import SquadExample, load_squad_file
 from gpt2 import GPT, UserError, preset
 
@@ -82,7 +82,14 @@ def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
                    "--out", str(run / "m.json")])
     metrics = json.loads((run / "m.json").read_text())
     assert metrics["total"] == 24 and "bleu1_seed" not in metrics
-    assert len(json.loads((run / "m.predictions.json").read_text())) == 24
+    predictions = json.loads((run / "m.predictions.json").read_text())
+    na_probs = json.loads((run / "m.na_prob.json").read_text())  # the official --na-prob-file format
+    assert list(na_probs) == list(predictions) == [ex.id for ex in DEV[:24]]
+    assert all(0 < p <= 1 for p in na_probs.values())
+    # The reported best_* are those of the two files written (test_metrics checks them against the official script).
+    golds = {ex.id: ex.answers for ex in DEV[:24]}
+    assert {k: metrics[k] for k in ("best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh")} == \
+        best_thresholds(golds, predictions, na_probs)
     assert "Winograd" in capsys.readouterr().out
     evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--context", "Paris is in France.", "--question",
                    "Where is Paris?", "--max-new-tokens", "5"])

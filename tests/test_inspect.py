@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
-from gpt2 import GPT, preset
+from gpt2 import GPT, from_pretrained, preset
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from lora.inspect import analyse, effective_rank, main, subspace_similarity
 
@@ -65,7 +65,7 @@ def test_subspace_similarity_of_an_adapter_with_itself_is_one_and_with_an_orthog
 def test_cli_reports_ratios_against_the_base_compares_two_runs_and_writes_a_png(tmp_path, capsys):
     hf = random_hf_gpt2(**TINY_SHAPE)
     hub = save_hub_layout(hf, tmp_path / "hub")
-    model = GPT.from_pretrained(str(hub))
+    model = from_pretrained(str(hub))
     base_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in ("c_attn", "c_proj", "c_fc")}
     apply_lora(model, **SEED)
@@ -101,7 +101,7 @@ def test_dora_weight_change_with_a_base_is_the_merged_weight_minus_the_base(tmp_
     """On attn.c_proj, square: only the file's other, non-square projections tell that the Hub file is (in, out)."""
     hf = random_hf_gpt2(**TINY_SHAPE)
     hub = save_hub_layout(hf, tmp_path / "hub")
-    model = GPT.from_pretrained(str(hub))
+    model = from_pretrained(str(hub))
     base = model.transformer.h[0].attn.c_proj.weight.detach().clone()
     apply_lora(model, **SEED, dora=True)
     layer = model.transformer.h[0].attn.c_proj

@@ -17,6 +17,7 @@ from conftest import DEV_FILE
 from data.metrics import (
     NO_ANSWER,
     SEED_SUBSET_SEED,
+    best_thresholds,
     bleu1,
     correct_references,
     exact_match,
@@ -161,8 +162,10 @@ def test_missing_and_unknown_ids_raise_with_counts():
 # --------------------------------------------------------------------------- official cross-check
 
 
-def _official_scores(dataset: list[dict], preds: dict[str, str]) -> dict[str, float]:
-    """Compact transcription of the official evaluate-v2.0.py (get_raw_scores + make_eval_dict)."""
+def _official_scores(dataset: list[dict], preds: dict[str, str], na_probs: dict[str, float] | None = None
+                     ) -> dict[str, float]:
+    """Compact transcription of the official evaluate-v2.0.py (get_raw_scores, apply_no_ans_threshold at its
+    default --na-prob-thresh 1.0, make_eval_dict and, given na_probs, find_all_best_thresh)."""
 
     def normalize(s):
         exclude = set(string.punctuation)
@@ -192,18 +195,48 @@ def _official_scores(dataset: list[dict], preds: dict[str, str]) -> dict[str, fl
                 exact_raw[qid] = max(int(normalize(a) == normalize(preds[qid])) for a in gold_answers)
                 f1_raw[qid] = max(compute_f1(a, preds[qid]) for a in gold_answers)
 
+    def apply_no_ans_threshold(scores, na_prob_thresh=1.0):
+        return {qid: float(not has_ans[qid]) if na_probs[qid] > na_prob_thresh else s for qid, s in scores.items()}
+
+    if na_probs is None:
+        exact_thresh, f1_thresh = exact_raw, f1_raw
+    else:
+        exact_thresh, f1_thresh = apply_no_ans_threshold(exact_raw), apply_no_ans_threshold(f1_raw)
+
     def make_eval_dict(qids):
         return {
-            "exact": 100.0 * sum(exact_raw[k] for k in qids) / len(qids),
-            "f1": 100.0 * sum(f1_raw[k] for k in qids) / len(qids),
+            "exact": 100.0 * sum(exact_thresh[k] for k in qids) / len(qids),
+            "f1": 100.0 * sum(f1_thresh[k] for k in qids) / len(qids),
             "total": len(qids),
         }
+
+    def find_best_thresh(scores):
+        num_no_ans = sum(1 for k in has_ans if not has_ans[k])
+        cur_score = best_score = num_no_ans
+        best_thresh = 0.0
+        for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+            if qid not in scores:
+                continue
+            if has_ans[qid]:
+                diff = scores[qid]
+            elif preds[qid]:
+                diff = -1
+            else:
+                diff = 0
+            cur_score += diff
+            if cur_score > best_score:
+                best_score = cur_score
+                best_thresh = na_probs[qid]
+        return 100.0 * best_score / len(scores), best_thresh
 
     out = make_eval_dict(list(exact_raw))
     for prefix, wanted in (("HasAns", True), ("NoAns", False)):
         qids = [k for k, v in has_ans.items() if v is wanted]
         if qids:
             out |= {f"{prefix}_{k}": v for k, v in make_eval_dict(qids).items()}
+    if na_probs is not None:
+        out["best_exact"], out["best_exact_thresh"] = find_best_thresh(exact_raw)
+        out["best_f1"], out["best_f1_thresh"] = find_best_thresh(f1_raw)
     return out
 
 
@@ -242,6 +275,64 @@ def test_squad_v2_scores_match_official_algorithm_on_dev_set():
         assert ours[key] == pytest.approx(official[key], rel=1e-12), key
     assert (ours["total"], ours["HasAns_total"], ours["NoAns_total"]) == (11873, 5928, 5945)
     assert 0 < ours["exact"] < ours["f1"] < 100  # the mix really exercises partial credit
+
+
+def _as_dataset(golds: dict[str, list[str]]) -> list[dict]:
+    return [{"paragraphs": [{"qas": [{"id": qid, "answers": [{"text": t} for t in texts]}
+                                     for qid, texts in golds.items()]}]}]
+
+
+def test_best_thresholds_small_by_hand():
+    golds = {"a": ["x"], "b": [], "c": ["y z"], "d": []}
+    predictions = {"a": "x", "b": "w", "c": "y", "d": ""}  # right; made up; half right (F1 2/3); abstained
+    na_probs = {"a": 0.1, "b": 0.2, "c": 0.15, "d": 0.4}
+    # All abstain: 2 points (b, d). Then by na_prob: a +1 -> 3 (t=0.1); c +0 EM, +2/3 F1 -> 3 or 3.67 (t=0.15);
+    # b answers an unanswerable question: -1; d abstains anyway: +0.
+    assert best_thresholds(golds, predictions, na_probs) == pytest.approx(
+        {"best_exact": 75.0, "best_exact_thresh": 0.1, "best_f1": 100 * (3 + 2 / 3) / 4, "best_f1_thresh": 0.15})
+    # Answering only unanswerable questions: abstaining everywhere is best, at the threshold 0.0.
+    assert best_thresholds({"a": [], "b": []}, {"a": "x", "b": "y"}, {"a": 0.3, "b": 0.6}) == {
+        "best_exact": 100.0, "best_exact_thresh": 0.0, "best_f1": 100.0, "best_f1_thresh": 0.0}
+    with pytest.raises(ValueError, match="every question"):
+        best_thresholds(golds, predictions, {"a": 0.5})
+
+
+def test_best_thresholds_match_official_algorithm_on_synthetic_data():
+    rng = np.random.default_rng(1)
+    words = ["red", "blue", "the", "green", "a"]
+    for trial in range(20):
+        golds, predictions = {}, {}
+        for i in range(30):
+            answerable = rng.random() < 0.5
+            golds[f"q{i}"] = [" ".join(rng.choice(words, 2))] if answerable else []
+            predictions[f"q{i}"] = "" if rng.random() < 0.3 else " ".join(rng.choice(words, rng.integers(1, 3)))
+        na_probs = {qid: float(rng.integers(0, 5)) / 4 for qid in golds}  # many ties, and 0 and 1 themselves
+        ours = {**squad_v2_scores(golds, predictions), **best_thresholds(golds, predictions, na_probs)}
+        official = _official_scores(_as_dataset(golds), predictions, na_probs)
+        assert ours.keys() == official.keys()
+        for key in official:
+            assert ours[key] == pytest.approx(official[key], rel=1e-12), (trial, key)
+
+
+def test_best_thresholds_match_official_algorithm_on_dev_set_with_random_probabilities():
+    dataset = json.loads(DEV_FILE.read_text(encoding="utf-8"))["data"]
+    rng = np.random.default_rng(0)
+    golds, predictions, na_probs = {}, {}, {}
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                texts = [a["text"] for a in qa["answers"]]
+                golds[qa["id"]] = texts
+                predictions[qa["id"]] = _varied_prediction(len(predictions), qa["question"], texts)
+                # Unanswerable questions lean towards high probabilities, as a useful model's would; some ties.
+                p = rng.beta(2, 1) if not texts else rng.beta(1, 2)
+                na_probs[qa["id"]] = round(p, 2) if rng.random() < 0.5 else p
+    ours = best_thresholds(golds, predictions, na_probs)
+    official = _official_scores(dataset, predictions, na_probs)
+    for key in ours:
+        assert ours[key] == pytest.approx(official[key], rel=1e-12), key
+    assert squad_v2_scores(golds, predictions)["f1"] < ours["best_f1"] < 100  # the threshold really helps
+    assert 0 < ours["best_f1_thresh"] < 1
 
 
 # --------------------------------------------------------------------------- BLEU-1

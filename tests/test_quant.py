@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import GPT, generate, load_model, preset
+from gpt2 import GPT, from_pretrained, generate, load_model, preset
 from lora import apply_adapter, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
 from lora.inject import LoRAConfig
 from lora.quant import (ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, PROJECTIONS, QuantizedLinear, QuantizedLoRALinear,
@@ -103,7 +103,7 @@ def test_nf4_picks_the_nearest_level_and_error_is_bounded_per_block(shape):
 
 def quantized_pair(hub_dir, mode, lora=None):
     """The same random GPT-2, once quantized and once unquantized with W := Ŵ: they must compute the same thing."""
-    model = GPT.from_pretrained(str(hub_dir)).eval()
+    model = from_pretrained(str(hub_dir)).eval()
     if lora:
         apply_lora(model, **lora)
         randomize_adapters(model)
@@ -116,7 +116,7 @@ def quantized_pair(hub_dir, mode, lora=None):
 @pytest.mark.parametrize("mode, weight_tolerance", [("int8", 0.01), ("nf4", 0.1)])
 def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(tiny_hub_dir, mode, weight_tolerance):
     model, reference = quantized_pair(tiny_hub_dir, mode, SEED)
-    original = apply_lora(GPT.from_pretrained(str(tiny_hub_dir)).eval(), **SEED)
+    original = apply_lora(from_pretrained(str(tiny_hub_dir)).eval(), **SEED)
     randomize_adapters(original)
     # Stated tolerances. Weights: relative (Frobenius) error under 1% for int8, 10% for nf4; for Gaussian weights
     # 8 bits give about absmax / 127 / sqrt(12) = 0.7%, 4 bits about 9%. Logits: under 3x the largest weight error
@@ -129,7 +129,7 @@ def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(ti
         torch.testing.assert_close(logits, reference(IDX), atol=1e-5, rtol=1e-5)
         assert rel_err(logits, original(IDX)) < 3 * weight_error
         # In bf16 on the CPU: the scales stay fp32 through .to(bfloat16), and the logits follow within bf16 rounding.
-        half = quantize_base(apply_lora(GPT.from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
+        half = quantize_base(apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
         randomize_adapters(half)
         half.to(torch.bfloat16).eval()
         assert all(t.dtype in (torch.int8, torch.uint8, torch.float32)
@@ -139,7 +139,7 @@ def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(ti
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batched_greedy_answers_equal_one_by_one_on_a_quantized_model(tiny_hub_dir, mode):
-    model = quantize_base(GPT.from_pretrained(str(tiny_hub_dir)).eval(), mode, torch.float32)
+    model = quantize_base(from_pretrained(str(tiny_hub_dir)).eval(), mode, torch.float32)
     prompts = [[464, 3290, 318], [15496, 995, 11, 616, 1438, 318, 257, 1332], [40]]
     batched = generate(model, prompts, max_new_tokens=8, eos_id=-1)
     assert batched == [generate(model, [p], max_new_tokens=8, eos_id=-1)[0] for p in prompts]
@@ -234,13 +234,13 @@ def test_merge_dequantizes_then_adds_the_update(tiny_hub_dir, mode):
         torch.testing.assert_close(layer.weight, dequantized, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(IDX), before, atol=1e-5, rtol=1e-5)
     # In half precision the merged weight is the compute dtype, rounded once.
-    half = quantize_base(apply_lora(GPT.from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
+    half = quantize_base(apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
     merge_lora(half)
     assert all(m.weight.dtype == torch.bfloat16 for m in lora_layers(half))
 
 
 def test_misuse_is_a_clear_error(tiny_hub_dir):
-    model = apply_lora(GPT.from_pretrained(str(tiny_hub_dir)), **SEED)
+    model = apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED)
     assert quantize_base(model, "none", torch.float32) is model
     assert not any(isinstance(m, QuantizedWeight) for m in model.modules())
     with pytest.raises(ValueError, match="int8, nf4"):

@@ -131,14 +131,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(short_dev_file
 
 def test_lora_learns_to_answer_memorised_questions(short_dev_file, tmp_path):
     """End to end: template, loss mask, adapter, generation and parsing wired together. A tiny random base with
-    LoRA overfits 16 dev questions until greedy decoding reproduces every answer."""
+    LoRA overfits 16 dev questions until greedy decoding reproduces every answer; answered at every evaluation
+    (--eval-answers), its F1 rises, and best/ keeps the adapter of the best one."""
     train.main(tiny_args(short_dev_file, tmp_path, "--rank", "16", "--alpha", "32", "--lora-dropout", "0",
                          "--base-dropout", "0", "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "300",
                          "--micro-batch-size", "16", "--grad-accum", "1", "--loss-on", "answer",
-                         "--eval-every", "100", "--log-every", "100"))
+                         "--eval-every", "100", "--log-every", "100", "--eval-answers", "16"))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
-    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+    evals = [r for r in log if "eval_loss" in r]
+    assert len(evals) == 3 and evals[0]["eval_loss"] > evals[1]["eval_loss"] > evals[2]["eval_loss"]
+    f1s = [r["f1"] for r in evals]
+    assert f1s[0] < f1s[-1] == 100.0 and all(0 <= r["abstained"] <= 1 and "NoAns_f1" in r for r in evals)
+    best = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert best["step"] == evals[f1s.index(max(f1s))]["step"] < 300 and best["f1"] == max(f1s)
+    best_checkpoint = load_adapter(tmp_path / "best" / "checkpoint.pt")
+    assert best_checkpoint["step"] == best["step"]
+    assert any(not torch.equal(v, adapter(tmp_path)[k]) for k, v in best_checkpoint["adapter"].items())  # not the last
+    evaluate.main(["--checkpoint", str(tmp_path / "best"), "--eval-file", str(short_dev_file), "--out",
+                   str(tmp_path / "best.json")])
+    assert json.loads((tmp_path / "best.json").read_text())["f1"] == best["f1"]  # the best step's adapter
+
     evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
                    str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -147,6 +159,16 @@ def test_lora_learns_to_answer_memorised_questions(short_dev_file, tmp_path):
     predictions = json.loads((tmp_path / "m.predictions.json").read_text())
     golds = {ex.id: ex.answers for ex in load_squad_file(short_dev_file)}
     assert all((text == "") == (golds[qid] == []) for qid, text in predictions.items())
+    # The no-answer probability separates the two kinds (the tiny model's probabilities are all tiny: its logits are
+    # flat), so the best threshold lies between them, and answering with it abstains exactly where it should.
+    na_probs = json.loads((tmp_path / "m.na_prob.json").read_text())
+    answerable = max(p for qid, p in na_probs.items() if golds[qid])
+    assert answerable < min(p for qid, p in na_probs.items() if not golds[qid])
+    assert (metrics["best_f1"], metrics["best_f1_thresh"]) == (100.0, answerable)
+    evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
+                   str(tmp_path / "t.json"), "--na-threshold", str(metrics["best_f1_thresh"])])
+    thresholded = json.loads((tmp_path / "t.json").read_text())
+    assert thresholded["exact"] == 100.0 and thresholded["na_threshold"] == answerable
 
 
 @pytest.mark.parametrize("variant", [["--dora"], ["--lora-init", "pissa"],

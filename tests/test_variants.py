@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
-from gpt2 import GPT, UserError, preset
+from gpt2 import GPT, from_pretrained, preset
 from lora import LoRAError
 from lora import (DoRALinear, LoRAConfig, apply_adapter, apply_lora, load_adapter, load_lora_state_dict, lora_layers,
                   lora_state_dict, loraplus_param_groups, merge_lora, parameter_report, save_adapter, unmerge_lora)
@@ -50,7 +50,7 @@ def peft_gpt2(tmp_path, **lora_config):
     Conv1D projections (fan_in_fan_out). Transformers' own dropout is off, like ours."""
     from peft import LoraConfig, get_peft_model
     hf = random_hf_gpt2(**TINY_SHAPE)
-    ours = GPT.from_pretrained(str(save_hub_layout(hf, tmp_path)))
+    ours = from_pretrained(str(save_hub_layout(hf, tmp_path)))
     hf.config.attn_pdrop = hf.config.resid_pdrop = hf.config.embd_pdrop = 0.0
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
                                          target_modules=["c_attn", "c_proj", "c_fc"], **lora_config))
