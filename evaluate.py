@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="questions answered together")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (the seed's: 128)")
     p.add_argument("--out", help="metrics JSON (default: metrics.<what was scored>.json in the run directory, e.g. "
-                   "metrics.dev.seed.json); the predictions go beside it as <name>.predictions.json")
+                   "metrics.dev.seed.json); beside it go <name>.predictions.json and <name>.na_prob.json")
     p.add_argument("--na-threshold", type=float, metavar="T", help="abstain where the no-answer probability is "
                    "above T, else give the best answer that is not an abstention (default: greedy decides)")
     p.add_argument("--report", metavar="FILE.md", help="also write the metrics and the breakdown as Markdown")
