@@ -24,14 +24,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from data.breakdown import breakdown, breakdown_markdown, to_markdown
 from data.metrics import (best_thresholds, bleu1, correct_references, seed_references, seed_subset_indices,
                           squad_v2_scores)
 from data.prompts import NO_ANSWER
-from data.squad import SquadExample, load_split
-from finetune.adapters import recorded_quantization, trained_with_eos
+from data.squad import FILE_NAMES, SquadExample, load_split
+from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
@@ -39,6 +37,7 @@ from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import PRESETS, UserError
 from gpt2.files import atomic_write, check_writable_dir
 from gpt2.pretrained import HUB_MODELS
+from lora import load_adapter
 from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
@@ -53,14 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="the base model, a Hub repository id or a local path (default: the run's own "
                    "base, or the adapter's base_model_name_or_path); without --checkpoint, answer with it unadapted")
     p.add_argument("--predictions", help="score this predictions file (question id -> answer) instead of answering")
-    p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the Hub's validation split)")
-    p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer")
+    p.add_argument("--data-dir", help="directory holding dev-v2.0.json (default: the run's eval file, else the Hub's "
+                   "validation split)")
+    p.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON to answer (default: the run's eval file)")
     p.add_argument("--subset", choices=("seed",), help="seed: only the seed notebook's 100 test questions")
     p.add_argument("--limit", type=at_least(1), help="only the first N questions")
     p.add_argument("--batch-size", type=at_least(1), default=128, help="questions answered together")
     p.add_argument("--max-new-tokens", type=at_least(1), default=128, help="answer length limit (the seed's: 128)")
-    p.add_argument("--out", help="metrics JSON (default: metrics.json in the run directory); the predictions go "
-                   "beside it as <name>.predictions.json")
+    p.add_argument("--out", help="metrics JSON (default: metrics.<what was scored>.json in the run directory, e.g. "
+                   "metrics.dev.seed.json); beside it go <name>.predictions.json and <name>.na_prob.json")
     p.add_argument("--na-threshold", type=float, metavar="T", help="abstain where the no-answer probability is "
                    "above T, else give the best answer that is not an abstention (default: greedy decides)")
     p.add_argument("--report", metavar="FILE.md", help="also write the metrics and the breakdown as Markdown")
@@ -173,13 +173,48 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
     return examples, seed_indices
 
 
+def use_the_runs_eval_data(args: argparse.Namespace) -> None:
+    """Without --eval-file or --data-dir, answer the questions a train.py run measured its eval loss on (recorded
+    in its checkpoint), so that scoring an offline run needs no network and no repeated paths."""
+    path = Path(args.checkpoint)
+    run_checkpoint = path if path.is_file() else path / CHECKPOINT
+    if args.eval_file is not None or args.data_dir is not None or not run_checkpoint.is_file():
+        return  # told which questions, or a PEFT adapter, which records none
+    trained = load_adapter(run_checkpoint).get("args", {})
+    args.eval_file, args.data_dir = trained.get("eval_file"), trained.get("data_dir")
+    recorded = args.eval_file or (args.data_dir and str(Path(args.data_dir) / FILE_NAMES["eval"]))
+    if recorded and not Path(recorded).is_file():
+        raise UserError(f"the run was evaluated on {recorded}, which is not there from this directory: "
+                        f"give --eval-file FILE (or --data-dir DIR)")
+    if recorded:
+        print(f"questions from the run's eval file {recorded} (--eval-file to choose others)", file=sys.stderr)
+
+
+def scored_name(args: argparse.Namespace) -> str:
+    """What an evaluation scored, as file names say it: 'dev' (dev-v2.0.json, or the Hub's validation split),
+    'dev.seed', 'dev.first100', 'short16.seed.first50' ..."""
+    parts = [Path(args.eval_file or FILE_NAMES["eval"]).name.removesuffix(".json").removesuffix("-v2.0")]
+    if args.subset:
+        parts.append(args.subset)
+    if args.limit is not None:
+        parts.append(f"first{args.limit}")
+    return ".".join(parts)
+
+
 def metrics_path(args: argparse.Namespace) -> Path:
+    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run). Named
+    after what was scored, so that scoring another subset never replaces an earlier file."""
     if args.out:
         return Path(args.out)
     if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
         run = Path(args.checkpoint)
-        return (run if run.is_dir() else run.parent) / "metrics.json"
-    return Path("metrics.json")
+        return (run if run.is_dir() else run.parent) / f"metrics.{scored_name(args)}.json"
+    return Path(f"metrics.{scored_name(args)}.json")
+
+
+def beside(metrics_file: Path, kind: str) -> Path:
+    """A file that goes with a metrics file: beside(metrics.dev.json, "predictions") = metrics.dev.predictions.json."""
+    return metrics_file.with_suffix(f".{kind}.json")
 
 
 def check_outputs(paths: list[Path], overwrite: bool) -> None:
@@ -198,10 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
+    if args.checkpoint and args.context is None and args.predictions is None:
+        use_the_runs_eval_data(args)
     if args.context is None:
         out = metrics_path(args)
-        outputs = [out] if args.predictions else [out, out.with_suffix(".predictions.json"),
-                                                  out.with_suffix(".na_prob.json")]
+        outputs = [out] if args.predictions else [out, beside(out, "predictions"), beside(out, "na_prob")]
+        replacing = out.exists()
         check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
     quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
 
@@ -248,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_write(out, "w") as f:
         json.dump(metrics, f, indent=2)
     if not args.predictions:
-        written += [out.with_suffix(".predictions.json"), out.with_suffix(".na_prob.json")]
+        written += [beside(out, "predictions"), beside(out, "na_prob")]
         for path, content in zip(written[1:], (predictions, na_probs)):
             with atomic_write(path, "w") as f:
                 json.dump(content, f, indent=2)
@@ -256,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         written.append(Path(args.report))
         with atomic_write(args.report, "w") as f:
             f.write(to_markdown(metrics, tables, f"Evaluation of {args.checkpoint or args.predictions or args.model}"))
-    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
+    print(f"\nwrote {', '.join(map(str, written))}" + (" (replacing those of the same questions)" if replacing else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

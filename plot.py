@@ -1,7 +1,7 @@
 """Pictures of a run and of an evaluation, as PNG files (needs matplotlib: pip install matplotlib).
 
     python plot.py runs/gpt2-lora                  # runs/gpt2-lora/curves.png: train loss, eval loss, eval F1
-    python plot.py runs/gpt2-lora/metrics.json     # runs/gpt2-lora/metrics.breakdown.png: evaluate.py's breakdown
+    python plot.py runs/gpt2-lora/metrics.dev.json   # runs/gpt2-lora/metrics.dev.breakdown.png: evaluate.py's breakdown
 
 The curves come from the run's log.jsonl (eval F1 when it was trained with --eval-answers); the breakdown from the
 metrics JSON that evaluate.py writes: answered or abstained, and F1 by question word and by gold answer length.

@@ -5,7 +5,8 @@ Hub's data and weights:
 
     python train.py
     python train.py --data-dir squad/ --out runs/qa             # local train-v2.0.json / dev-v2.0.json
-    python train.py --model gpt2-tiny --init random --train-file dev-v2.0.json --max-steps 6   # CPU smoke run
+    python train.py --model gpt2-tiny --init random --train-file dev-v2.0.json --eval-file dev-v2.0.json \
+        --max-steps 20 --warmup-steps 2 --lr 1e-2 ...             # a CPU smoke run: README.md has it whole
     torchrun --nproc_per_node=4 train.py ...                    # data parallel over 4 GPUs
 
 Writes to --out: config.json (the effective settings), log.jsonl (every logged step and evaluation),
@@ -161,6 +162,72 @@ def forget_log_after(log_file: Path, step: int) -> None:
                 f.writelines(kept)
 
 
+def warmup_warning(warmup_steps: int, max_steps: int, lr: float) -> str | None:
+    """A warning when the warmup is as long as the run: the learning rate would only climb, never reaching --lr,
+    and a short run would barely move from where it started."""
+    if not 0 < max_steps <= warmup_steps:
+        return None
+    last = learning_rate(max_steps - 1, lr, warmup_steps, max_steps)
+    return (f"warning: --warmup-steps {warmup_steps} is not shorter than the run ({max_steps} steps): the learning "
+            f"rate only climbs, to {last:.2g} at the last step instead of --lr {lr:g}. Lower --warmup-steps (for "
+            f"example to {max_steps // 10}).")
+
+
+def settings_table(s: dict) -> str:
+    """The run's settings in a few lines, to read at a glance; config.json holds every one of them."""
+    per_step = s["micro_batch_size"] * s["grad_accum"] * s["world_size"]
+    processes = f" x {s['world_size']} processes" if s["world_size"] > 1 else ""
+    epochs = f", {s['max_steps'] / s['steps_per_epoch']:.2f} epochs" if s["steps_per_epoch"] else ""
+    variants = ["DoRA"] if s["dora"] else []
+    if s["lora_init"] != "default":
+        variants.append(f"{s['lora_init']} init")
+    if s["loraplus_ratio"]:
+        variants.append(f"LoRA+ ratio {s['loraplus_ratio']:g}")
+    quantized = f", base quantized {s['quantize']}" if s["quantize"] != "none" else ""
+    rows = [
+        ("model", f"{s['model']} ({s['init']} weights), {s['precision']} on {s['device']}{processes}{quantized}"),
+        ("LoRA", f"r={s['rank']}, alpha={s['alpha']:g}, dropout {s['lora_dropout']:g} on {' '.join(s['targets'])}"
+                 f"{' (' + s['qkv'] + ' of c_attn)' if s['qkv'] else ''}{''.join(', ' + v for v in variants)}; "
+                 f"{s['parameters']}"),
+        ("data", f"{s['train_sequences']:,} training sequences ({s['skipped_too_long']:,} too long to keep), "
+                 f"{s['eval_sequences']:,} for the eval loss"),
+        ("steps", f"{s['max_steps']:,} of {per_step} sequences ({s['micro_batch_size']} x {s['grad_accum']} "
+                  f"accumulated{processes}){epochs}"),
+        ("optimizer", f"AdamW, lr {s['lr']:g} after {s['warmup_steps']} warmup steps, then linear decay to 0; "
+                      f"weight decay {s['weight_decay']:g}, clipping {s['clip']:g}"),
+        ("eval loss", f"every {s['eval_every']} steps" + (f", with answers to {s['eval_answers']:,} questions"
+                                                          if s["eval_answers"] else "")
+                      + f"; a checkpoint every {s['save_every']} steps"),
+        ("out", f"{s['out']} (every setting in config.json)"),
+    ]
+    return "\n".join(f"{name:<10} {value}" for name, value in rows)
+
+
+def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) -> str:
+    """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next."""
+    log = out / "log.jsonl"  # absent when a run stops before its first log line
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [(r["eval_loss"], r["step"]) for r in records if "eval_loss" in r]
+    lines = [f"steps      {steps[0]} -> {steps[1]} in {seconds:.0f} s, {tokens / seconds:,.0f} tokens/s"]
+    if losses:
+        lines.append(f"train loss {losses[0]:.4f} (first logged) -> {losses[-1]:.4f} (last)")
+    if evals:
+        (last, last_step), (best, best_step) = evals[-1], min(evals)
+        lines.append(f"eval loss  {last:.4f} at step {last_step} (last), {best:.4f} at step {best_step} (best)")
+    else:
+        lines.append("eval loss  not measured: the run ended before its first --eval-every")
+    f1s = [(r["f1"], r["step"]) for r in records if "f1" in r]
+    if f1s:
+        (last, last_step), (best, best_step) = f1s[-1], max(f1s)
+        lines.append(f"eval F1    {last:.1f} at step {last_step} (last), {best:.1f} at step {best_step} (best: its "
+                     f"adapter is {out / BEST})")
+    lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
+              f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
+              f"score it   python evaluate.py --checkpoint {out}"]
+    return "\n".join(lines)
+
+
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
     if "RANK" not in os.environ:
@@ -229,11 +296,14 @@ def main(argv: list[str] | None = None) -> None:
                 "parameters": parameter_report(model)}
     stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
     if main_process:
-        print(json.dumps(settings, indent=2))
+        print(settings_table(settings))
         with atomic_write(out / "config.json", "w") as f:
             json.dump(settings, f, indent=2)
         if args.resume:
             print(f"resumed from {checkpoint_path} at step {start_step} of {max_steps}")
+        warning = warmup_warning(args.warmup_steps, max_steps, args.lr)
+        if warning:
+            print(warning, file=sys.stderr)
 
     train_model = DistributedDataParallel(model) if world > 1 else model
     if args.compile:
@@ -282,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 
     window = new_window()
     shown = {}  # the last eval F1, for the progress bar
+    started, trained_tokens = time.perf_counter(), 0  # for the summary at the end
     for step in range(start_step, max_steps):
         lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
@@ -290,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
         window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
         window["targets"] += sum(len(b.targets) for b in micro_batches)
-        window["tokens"] += sum(b.n_real for b in micro_batches) * world
+        tokens = sum(b.n_real for b in micro_batches) * world
+        window["tokens"] += tokens
+        trained_tokens += tokens
         window["padded"] += sum(b.n_padded for b in micro_batches) * world
         if step + 1 < max_steps:
             micro_batches = next(steps)  # prepared on the CPU while the GPU works on this step
@@ -335,11 +408,12 @@ def main(argv: list[str] | None = None) -> None:
         if stopping:
             bar.close()
             if main_process:
-                print(f"stopped at step {done}: saved {checkpoint_path}; continue with --resume")
+                print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens))
+                print(f"stopped at step {done} of {max_steps}: saved {checkpoint_path}; continue with --resume")
             sys.exit(EXIT_CODE)
     bar.close()
     if main_process:
-        print(f"done: {checkpoint_path} (step {max_steps}); score it with: python evaluate.py --checkpoint {out}")
+        print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
     if world > 1:
         dist.destroy_process_group()
 

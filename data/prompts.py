@@ -23,13 +23,16 @@ def format_text(context: str, question: str, answer: str = "") -> str:
     return f"CONTEXT:\n{context}\n\nQUESTION:\n{question}{ANSWER_MARKER}{answer}"
 
 
-def encode_prompt(context_ids: Sequence[int], question: str, max_tokens: int) -> list[int] | None:
-    """Prompt tokens, the context cut from the end to fit `max_tokens`; None if the question alone does not fit."""
+def encode_prompt(context_ids: Sequence[int], question: str, max_tokens: int) -> tuple[list[int], int] | None:
+    """(prompt tokens, context tokens cut): the context is cut from the end to fit `max_tokens`. None if the
+    question alone does not fit."""
     enc = get_tokenizer()
     head = enc.encode_ordinary("CONTEXT:\n")
     tail = enc.encode_ordinary(format_text("", question)[len("CONTEXT:\n"):])  # "\n\nQUESTION:\n...ANSWER:\n"
     room = max_tokens - len(head) - len(tail)
-    return None if room < 0 else head + list(context_ids[:room]) + tail
+    if room < 0:
+        return None
+    return head + list(context_ids[:room]) + tail, max(0, len(context_ids) - room)
 
 
 def answer_tokens(answer: str, add_eos: bool) -> list[int]:
@@ -47,9 +50,10 @@ def encode_training_example(context_ids: Sequence[int], question: str, answer: s
     the model to stop; the seed had none, so its model rambles on until the token limit.
     """
     answer_ids = answer_tokens(answer, add_eos)
-    prompt = encode_prompt(context_ids, question, max_len - len(answer_ids))
-    if prompt is None:
+    encoded = encode_prompt(context_ids, question, max_len - len(answer_ids))
+    if encoded is None:
         return None
+    prompt, _ = encoded
     return prompt + answer_ids, 0 if loss_on == "all" else len(prompt) - 1
 
 
@@ -72,15 +76,18 @@ def training_sequences(examples: Sequence[SquadExample], max_len: int, add_eos: 
     return sequences, skipped
 
 
-def prompt_tokens(examples: Sequence[SquadExample], block_size: int, max_new_tokens: int = 0) -> list[list[int]]:
+def prompt_tokens(examples: Sequence[SquadExample], block_size: int,
+                  max_new_tokens: int = 0) -> tuple[list[list[int]], int]:
     """The prompt of every example, contexts shortened so that the prompt and `max_new_tokens` fit the model's
-    `block_size` tokens."""
+    `block_size` tokens; and how many contexts were shortened (their answers come from a text cut short, which the
+    user should know)."""
     contexts = _tokenized_contexts(examples)
     max_tokens = block_size - max_new_tokens
-    prompts = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
-    too_long = [ex for ex, p in zip(examples, prompts) if p is None]
+    encoded = [encode_prompt(contexts[ex.context], ex.question, max_tokens) for ex in examples]
+    too_long = [ex for ex, e in zip(examples, encoded) if e is None]
     if too_long:
-        need, longest = max((len(encode_prompt([], ex.question, block_size * 1000)), ex.id) for ex in too_long)
+        need, longest = max((len(encode_prompt([], ex.question, block_size * 1000)[0]), ex.id)
+                            for ex in too_long)
         problem = (f"{len(too_long)} question(s) do not fit {max_tokens} prompt tokens even without their context: "
                    f"{longest} alone needs {need}")
         if need >= block_size:
@@ -88,7 +95,7 @@ def prompt_tokens(examples: Sequence[SquadExample], block_size: int, max_new_tok
                             f"question or leave it out")
         raise UserError(f"{problem}, and {max_new_tokens} of the model's {block_size} tokens are kept for the "
                         f"answer: lower --max-new-tokens to {block_size - need} or less")
-    return prompts
+    return [prompt for prompt, _ in encoded], sum(cut > 0 for _, cut in encoded)
 
 
 def _tokenized_contexts(examples: Sequence[SquadExample]) -> dict[str, list[int]]:

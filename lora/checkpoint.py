@@ -86,9 +86,11 @@ def load_adapter(path: str | os.PathLike) -> dict:
         raise LoRAError(f"no checkpoint at {path}: give a train.py --out directory or its checkpoint.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoRAError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated") \
-            from None
+    except Exception:
+        # torch's own message suggests retrying with weights_only=False, which would run whatever code the file
+        # holds: not advice to pass on about a file we cannot vouch for. Say what it is instead.
+        raise LoRAError(f"{path} cannot be read as a checkpoint: the file is corrupt (for example cut short by a full "
+                        f"disk or an interrupted copy) or was not written by this project") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise LoRAError(f"{path} is not an adapter checkpoint of this project (format {FORMAT})")
     parts = {"lora_config": dict, "base": dict, "adapter": dict}

@@ -183,7 +183,7 @@ def similarity_report(first: dict, second: dict) -> str:
     phis = {name: subspace_similarity(A1[name], A2[name]) for name in shared}
     r1, r2 = phis[shared[0]].shape
     width = max(len(n) for n in shared)
-    lines = [f"subspace similarity φ(i, j) of the two adapters' A (LoRA paper, Section 7): 1 = same directions",
+    lines = ["subspace similarity φ(i, j) of the two adapters' A (LoRA paper, Section 7): 1 = same directions",
              f"{'module':<{width}}  {'φ(1, 1)':>8}  φ({r1}, {r2})"]
     lines += [f"{n:<{width}}  {phi[0, 0]:8.3f}  {phi[-1, -1]:.3f}" for n, phi in phis.items()]
     if all(phi.shape == (r1, r2) for phi in phis.values()):

@@ -325,9 +325,9 @@ def test_evaluate_refuses_a_missing_gpu(run_copy, short_dev_file, capsys):
 
 
 def test_evaluate_never_replaces_earlier_metrics_unasked(run_copy, short_dev_file, capsys):
-    (run_copy / "metrics.json").write_text('{"exact": 71.2}')
+    (run_copy / "metrics.short16.json").write_text('{"exact": 71.2}')  # named after the questions it scored
     refused(evaluate.main, ["--checkpoint", run_copy, "--eval-file", short_dev_file], capsys, 1,
-            r"metrics.json .*already exist.*--overwrite", watch=(run_copy,))
+            r"metrics.short16.json .*already exist.*--overwrite", watch=(run_copy,))
 
 
 def test_evaluate_checks_it_can_write_before_answering(run_copy, short_dev_file, tmp_path, capsys):

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -35,7 +34,7 @@ def test_template_is_the_seeds_byte_for_byte():
 def test_pieces_tokenize_like_the_whole_text_on_the_dev_set():
     examples = load_squad_file(DEV_FILE)[::7]
     enc = get_tokenizer()
-    for ex, prompt in zip(examples, prompt_tokens(examples, 1024)):
+    for ex, prompt in zip(examples, prompt_tokens(examples, 1024)[0]):
         assert prompt == enc.encode_ordinary(format_text(ex.context, ex.question))
 
 
@@ -126,15 +125,20 @@ def test_dev_file_loads_in_file_order():
     assert load_split("eval", data_dir=str(DEV_FILE.parent))[100] == examples[100]
 
 
-def test_without_network_the_hub_fails_fast_and_names_the_local_options():
-    start = time.perf_counter()
-    with pytest.raises(UserError, match="--data-dir DIR .* --train-file / --eval-file"):
-        load_split("train")
-    assert time.perf_counter() - start < 30
-
-
-def test_train_py_without_network_fails_fast_with_a_message(tmp_path):
+def test_train_py_without_network_names_the_local_options(tmp_path):
+    """No network and nothing cached: the Hub's SQuAD cannot load, and the message says how to give local files
+    (huggingface_hub retries for a while first, unless HF_HUB_OFFLINE=1)."""
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "run")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--data-dir" in result.stderr and "--train-file" in result.stderr
+    assert "--data-dir DIR" in result.stderr and "--train-file / --eval-file" in result.stderr
+
+
+def test_prompts_count_the_contexts_cut_to_fit():
+    examples = load_squad_file(DEV_FILE)[::7]
+    enc = get_tokenizer()
+    whole = [len(enc.encode_ordinary(format_text(ex.context, ex.question))) for ex in examples]
+    prompts, cut = prompt_tokens(examples, 200)
+    assert cut == sum(n > 200 for n in whole) > 0
+    assert all(len(p) == min(n, 200) for p, n in zip(prompts, whole))
+    assert prompt_tokens(load_squad_file(DEV_FILE), 1024 - 128)[1] == 0  # the longest dev prompt: 837 tokens

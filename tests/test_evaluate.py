@@ -99,3 +99,46 @@ def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
     model = load_answerer(str(run / "checkpoint.pt"), None, torch.device("cpu"), torch.float32)
     expected = answer(model, [SquadExample("q", "Paris is in France.", "Where is Paris?", [])], 1, 5, False)
     assert capsys.readouterr().out == expected[0] + "\n"
+
+
+def test_a_run_is_scored_on_its_own_eval_file_offline_one_file_per_subset(short_dev_file, tmp_path, capsys,
+                                                                             monkeypatch):
+    def no_network(split):
+        raise AssertionError("evaluate.py went to the Hub for the questions")
+    monkeypatch.setattr("data.squad.load_squad_hub", no_network)
+    eval_file = tmp_path / "short16.json"
+    eval_file.write_bytes(short_dev_file.read_bytes())
+    run = tmp_path / "RUN"
+    train.main(["--model", "gpt2-tiny", "--init", "random", "--train-file", str(short_dev_file), "--eval-file",
+                str(eval_file), "--max-steps", "1", "--out", str(run), "--micro-batch-size", "2", "--grad-accum", "1"])
+    capsys.readouterr()
+
+    evaluate.main(["--checkpoint", str(run), "--max-new-tokens", "4"])
+    everything = json.loads((run / "metrics.short16.json").read_text())
+    assert everything["total"] == 16 and "replacing" not in capsys.readouterr().err
+    evaluate.main(["--checkpoint", str(run), "--max-new-tokens", "4", "--limit", "5"])
+    assert json.loads((run / "metrics.short16.first5.json").read_text())["total"] == 5
+    assert json.loads((run / "metrics.short16.json").read_text()) == everything  # the first one is kept
+    assert len(json.loads((run / "metrics.short16.first5.predictions.json").read_text())) == 5
+    with pytest.raises(UserError, match="already exist.*--overwrite"):  # the same questions again: never silent
+        evaluate.main(["--checkpoint", str(run), "--max-new-tokens", "4", "--limit", "5"])
+    evaluate.main(["--checkpoint", str(run), "--max-new-tokens", "4", "--limit", "5", "--overwrite"])
+    assert "replacing" in capsys.readouterr().err
+
+    eval_file.unlink()
+    with pytest.raises(UserError, match="short16.json, which is not there.*--eval-file"):
+        evaluate.main(["--checkpoint", str(run)])
+
+
+def test_contexts_cut_to_fit_are_counted_in_evaluation_and_in_ask_mode(tiny_hub_dir, capsys):
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-tiny")).eval()
+    short = [SquadExample("s", "Paris is in France.", "Where is Paris?", [])]
+    long = SquadExample("l", " ".join(f"word{i}" for i in range(1500)), "Which word comes first?", [])
+    answer(model, short * 3, batch_size=4, max_new_tokens=4, progress=False)
+    assert "cut" not in capsys.readouterr().err
+    answer(model, short * 3 + [long] * 2, batch_size=4, max_new_tokens=4, progress=False)
+    assert "note: 2 of 5 context(s) cut at the end to fit 1020 prompt tokens" in capsys.readouterr().err
+    evaluate.main(["--model", str(tiny_hub_dir), "--context", long.context, "--question", long.question,
+                   "--max-new-tokens", "4"])
+    assert "1 of 1 context(s) cut" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """LoRA: exact at init, only A and B train, merging is free and exact, PEFT gives the same numbers."""
 import copy
+import random
 
 import pytest
 import torch
@@ -197,5 +198,19 @@ def test_adapter_refuses_another_base_or_another_rank(tmp_path):
     with pytest.raises(LoRAError, match="no checkpoint"):
         load_adapter(tmp_path / "missing.pt")
     (tmp_path / "broken.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:1000])
-    with pytest.raises(LoRAError, match="not a readable checkpoint"):
+    with pytest.raises(LoRAError, match="corrupt"):
         load_adapter(tmp_path / "broken.pt")
+
+
+class NotAnAdapter:
+    """A class torch's safe loader does not know: the case where torch advises retrying with weights_only=False."""
+
+
+def test_an_unreadable_checkpoint_gets_no_unsafe_advice(tmp_path):
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    torch.save({"adapter": NotAnAdapter()}, tmp_path / "foreign.pt")
+    for name in ("random.pt", "foreign.pt"):
+        with pytest.raises(LoRAError) as error:
+            load_adapter(tmp_path / name)
+        assert "weights_only" not in str(error.value)  # retrying so would run the file's code
+        assert "corrupt" in str(error.value) and "not written by this project" in str(error.value)

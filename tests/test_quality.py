@@ -32,7 +32,7 @@ def test_na_prob_is_the_product_of_the_abstentions_token_probabilities(add_eos):
                                      progress=False)
     abstention = answer_tokens(NO_ANSWER, add_eos)
     assert len(abstention) == 4 + add_eos  # C|annot| Find| Answer, then EOS
-    for prompt, na_prob in zip(prompt_tokens(questions, 1024 - 8), na_probs):
+    for prompt, na_prob in zip(prompt_tokens(questions, 1024 - 8)[0], na_probs):
         # The plain forward pass over prompt + abstention, no cache, no padding: position i predicts token i + 1.
         log_probs = model(torch.tensor([prompt + abstention]))[0].log_softmax(dim=-1)
         expected = sum(log_probs[len(prompt) - 1 + i, token].item() for i, token in enumerate(abstention))
@@ -43,7 +43,7 @@ def test_forbidden_first_token_answer_never_starts_with_the_abstention():
     model = tiny_model()
     with torch.no_grad():  # make "C" every prompt's greedy first token, by a clear margin
         model.transformer.ln_f.bias.add_(100 * model.transformer.wte.weight[C])
-    prompts = prompt_tokens(DEV[:6], 1024 - 4)
+    prompts, _ = prompt_tokens(DEV[:6], 1024 - 4)
     assert all(tokens[0] == C for tokens in generate(model, prompts, 4))
     forbidden = generate(model, prompts, 4, forbid_first=[C, EOS_ID])
     for prompt, tokens in zip(prompts, forbidden):

@@ -70,11 +70,19 @@ def test_done_when_commands_write_and_resume(tmp_path):
     first = subprocess.run(command + ["--max-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert json.loads((run / "config.json").read_text())["max_steps"] == 2
+    assert "warning: --warmup-steps 100 is not shorter than the run (2 steps)" in first.stderr  # the default 100
     second = subprocess.run(command + ["--max-steps", "3", "--resume"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    warning = train.warmup_warning(100, 6, 5e-5)
+    assert "--warmup-steps 100 is not shorter than the run (6 steps)" in warning and "2.5e-06" in warning
+    assert train.warmup_warning(6, 6, 1e-3) is not None
+    assert train.warmup_warning(5, 6, 1e-3) is None and train.warmup_warning(0, 6, 1e-3) is None
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process(short_dev_file, tmp_path):
@@ -106,6 +114,7 @@ def test_ctrl_c_saves_and_exits_cleanly(short_dev_file, tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "continue with --resume" in out
+    assert f"score it   python evaluate.py --checkpoint {run}" in out  # the summary, on stopping too
     step = load_adapter(run / "checkpoint.pt")["step"]
     assert step >= 1
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
