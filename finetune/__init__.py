@@ -8,6 +8,8 @@
     signals.py    Ctrl-C and SIGTERM: finish the step, save, exit
     answer.py     batched greedy answers to SQuAD questions, and their no-answer probabilities
     quality.py    EM and F1 while training, and the best adapter so far
+    report.py     what a run prints: its settings at the start, a warm-up warning, a summary at the end
+    adapters.py   adapters on disk in both formats (ours, PEFT's) and the adapted model built from either
 
 The scripts hold the command lines and the loops a reader should see; this package holds what they share.
 """

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2 import UserError
-from gpt2.files import check_writable_dir
+from gpt2.files import atomic_write, check_writable_dir
 from lora import load_lora_state_dict
 
 from .adapters import ADAPTER_DIR, CHECKPOINT, PEFT_FILES
@@ -155,3 +155,14 @@ def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
     if len(states) == world:  # the same number of processes: each continues its own random stream
         set_rng_state(states[rank], device)
     return checkpoint["step"]
+
+
+def forget_log_after(log_file: Path, step: int) -> None:
+    """Drop log.jsonl's lines after the checkpoint's step (logged before a crash or a refused save): the resumed
+    run logs those steps again, and the log must tell each step once."""
+    if log_file.is_file():
+        lines = log_file.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if kept != lines:
+            with atomic_write(log_file, "w") as f:
+                f.writelines(kept)

@@ -17,6 +17,7 @@ from data.prompts import training_sequences
 from data.squad import load_squad_file
 from gpt2 import UserError
 from finetune.model import build_model
+from finetune.report import warmup_warning
 from finetune.step import train_step
 from lora import LoRAConfig, load_adapter, lora_layers
 
@@ -79,10 +80,10 @@ def test_done_when_commands_write_and_resume(tmp_path):
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_about():
-    warning = train.warmup_warning(100, 6, 5e-5)
+    warning = warmup_warning(100, 6, 5e-5)
     assert "--warmup-steps 100 is not shorter than the run (6 steps)" in warning and "2.5e-06" in warning
-    assert train.warmup_warning(6, 6, 1e-3) is not None
-    assert train.warmup_warning(5, 6, 1e-3) is None and train.warmup_warning(0, 6, 1e-3) is None
+    assert warmup_warning(6, 6, 1e-3) is not None
+    assert warmup_warning(5, 6, 1e-3) is None and warmup_warning(0, 6, 1e-3) is None
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process(short_dev_file, tmp_path):
