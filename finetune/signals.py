@@ -14,7 +14,7 @@ EXIT_CODE = 130  # the shell's code for "ended by Ctrl-C"
 
 def _quit_quietly_on_ctrl_c(exc_type, exc, tb):
     if issubclass(exc_type, KeyboardInterrupt):
-        print("\ninterrupted (Ctrl-C) before training started: nothing was written", file=sys.stderr)
+        print("\ninterrupted (Ctrl-C): stopped before anything was written", file=sys.stderr)
     else:
         _previous_excepthook(exc_type, exc, tb)
 

@@ -114,7 +114,8 @@ def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
         if "lora_" in name:
             continue
         flat = t.detach().reshape(-1)
-        picks = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long().to(flat.device)
+        n = min(samples, flat.numel())  # evenly spread from the first value to the last, in exact integers
+        picks = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
         digest.update(f"{name}{tuple(t.shape)}".encode())
         digest.update(flat[picks].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -214,3 +214,14 @@ def test_an_unreadable_checkpoint_gets_no_unsafe_advice(tmp_path):
             load_adapter(tmp_path / name)
         assert "weights_only" not in str(error.value)  # retrying so would run the file's code
         assert "corrupt" in str(error.value) and "not written by this project" in str(error.value)
+
+
+def test_base_fingerprint_samples_every_tensor_to_its_last_value():
+    """gpt2's token embedding has 38,597,376 values: sample positions must stay exact integers up to the last one
+    (fp32 arithmetic rounds 38,597,375 up, out of range), and a change there must change the fingerprint."""
+    from lora.checkpoint import base_fingerprint
+    wte = torch.nn.Embedding(50257, 768)
+    before = base_fingerprint(wte)
+    with torch.no_grad():
+        wte.weight[-1, -1] += 1.0
+    assert base_fingerprint(wte) != before
