@@ -54,7 +54,7 @@ step() {  # name, time limit in seconds, command...: runs it, logs it, records i
 cuda_only() { if [[ $SMALL == gpt2 ]]; then "$@"; else echo "skipped: no CUDA" > "$LOG/$2.log"; fi; }
 
 BENCH="bench.py --batch-size 16 --seq-len 512 --rank 4 --answer-batch-size 64 --max-new-tokens 32"
-SEED="train.py --model $SMALL --init random --train-file $DEV --eval-file $DEV --eval-examples 500"
+SEED="train.py --model $SMALL --init random --train-file $DEV --eval-file $DEV --eval-examples 500 --eval-answers 0"
 cuda_only step anchor 80 $PY "$ANCHOR" --batch-size 16 --seq-len 512 --rank 4
 step ours 60 $PY $BENCH --model $SMALL --profile $SHORT
 step cuda-tests 200 $PY -m pytest -q -rs tests/test_cuda.py
