@@ -49,6 +49,29 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(short_dev_file
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-7)
 
 
+def test_a_bf16_step_on_the_cpu_matches_fp32(short_dev_file):
+    """The half-precision path (bf16 frozen base, bf16 autocast, fp32 A and B) runs on a CPU too, so CI checks it:
+    one step's loss and A/B updates against fp32, from the same weights and random adapters."""
+    config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
+    batch = collate(training_sequences(load_squad_file(short_dev_file), 1024, True, "all", seed=0)[0])
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_model("gpt2-tiny", "random", 0, 0.0, config, torch.device("cpu"), dtype)
+        with torch.no_grad():
+            for layer in lora_layers(model):
+                layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.02)
+        before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+        sgd = torch.optim.SGD(list(model.parameters()), lr=1.0)  # only A and B require grad: update = -gradient
+        loss = train_step(model, [batch], sgd, None, dtype, clip=1e9, device=torch.device("cpu")).item()
+        results[dtype] = loss / len(batch.targets), {k: before[k] - p for k, p in model.named_parameters()
+                                                     if p.requires_grad}
+    (loss32, update32), (loss16, update16) = results[torch.float32], results[torch.bfloat16]
+    assert abs(loss16 - loss32) / loss32 < 1e-2
+    for key, update in update32.items():
+        assert ((update16[key] - update).norm() / update.norm()).item() < 3e-2, key
+
+
 def test_resume_continues_exactly(short_dev_file, tmp_path, capsys):
     common = ["--micro-batch-size", "2", "--grad-accum", "2", "--save-every", "3"]
     train.main(tiny_args(short_dev_file, tmp_path / "straight", *common, "--max-steps", "6"))
