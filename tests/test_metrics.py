@@ -258,7 +258,8 @@ def _varied_prediction(i: int, question: str, golds: list[str]) -> str:
     return f"the {golds[-1]} and {first_words}" if golds else NO_ANSWER
 
 
-def test_squad_v2_scores_match_official_algorithm_on_dev_set():
+def _dev_golds_and_varied_predictions() -> tuple[list[dict], dict[str, list[str]], dict[str, str]]:
+    """The dev set as the official script reads it, its gold answers, and a varied prediction for every question."""
     dataset = json.loads(DEV_FILE.read_text(encoding="utf-8"))["data"]
     golds, predictions = {}, {}
     for article in dataset:
@@ -267,7 +268,11 @@ def test_squad_v2_scores_match_official_algorithm_on_dev_set():
                 texts = [a["text"] for a in qa["answers"]]
                 golds[qa["id"]] = texts
                 predictions[qa["id"]] = _varied_prediction(len(predictions), qa["question"], texts)
+    return dataset, golds, predictions
 
+
+def test_squad_v2_scores_match_official_algorithm_on_dev_set():
+    dataset, golds, predictions = _dev_golds_and_varied_predictions()
     ours = squad_v2_scores(golds, predictions)
     official = _official_scores(dataset, predictions)
     assert ours.keys() == official.keys()
@@ -315,18 +320,13 @@ def test_best_thresholds_match_official_algorithm_on_synthetic_data():
 
 
 def test_best_thresholds_match_official_algorithm_on_dev_set_with_random_probabilities():
-    dataset = json.loads(DEV_FILE.read_text(encoding="utf-8"))["data"]
+    dataset, golds, predictions = _dev_golds_and_varied_predictions()
     rng = np.random.default_rng(0)
-    golds, predictions, na_probs = {}, {}, {}
-    for article in dataset:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                texts = [a["text"] for a in qa["answers"]]
-                golds[qa["id"]] = texts
-                predictions[qa["id"]] = _varied_prediction(len(predictions), qa["question"], texts)
-                # Unanswerable questions lean towards high probabilities, as a useful model's would; some ties.
-                p = rng.beta(2, 1) if not texts else rng.beta(1, 2)
-                na_probs[qa["id"]] = round(p, 2) if rng.random() < 0.5 else p
+    na_probs = {}
+    for qid, texts in golds.items():
+        # Unanswerable questions lean towards high probabilities, as a useful model's would; some ties.
+        p = rng.beta(2, 1) if not texts else rng.beta(1, 2)
+        na_probs[qid] = round(p, 2) if rng.random() < 0.5 else p
     ours = best_thresholds(golds, predictions, na_probs)
     official = _official_scores(dataset, predictions, na_probs)
     for key in ours:
