@@ -47,7 +47,7 @@ from finetune.state import (ADAPTER_LIMIT, CHECKPOINT, check_adapter_sound, chec
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
 from gpt2 import UserError
 from gpt2.files import atomic_write
-from lora import INITS, LoRAConfig, VALID_TARGETS, load_adapter, parameter_report, save_adapter
+from lora import INITS, LoRAConfig, LoRAError, VALID_TARGETS, load_adapter, parameter_report, save_adapter
 from lora.quant import MODES
 
 EVAL_ANSWERS_ON_GPU = 200  # --eval-answers' default on a GPU: seconds per evaluation; on a CPU, 0
@@ -123,8 +123,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
         p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
     if args.max_len > 1024:
         p.error("--max-len cannot exceed GPT-2's 1024-token context")
-    if args.qkv and (set(args.qkv) - set("qkv") or len(set(args.qkv)) != len(args.qkv)):
-        p.error(f"--qkv {args.qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+    try:
+        lora_config_from(args)  # LoRAConfig checks its settings (--qkv letters, PiSSA without --qkv, ...)
+    except LoRAError as e:
+        p.error(str(e))
     if args.data_dir and args.train_file and args.eval_file:
         p.error("--data-dir is unused when --train-file and --eval-file are both given: drop one")
     return args, given_flags(p, argv, args)

@@ -10,7 +10,6 @@
 """
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ def export_run_to_peft(run: str | os.PathLike, directory: str | os.PathLike) -> 
     lora_config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
     with torch.device("meta"):
         model = GPT(GPTConfig(**checkpoint["base"]["config"]))
-        apply_lora(model, **asdict(lora_config))
+        apply_lora(model, lora_config)
     if set(lora_state_dict(model)) != set(checkpoint["adapter"]):
         raise UserError(f"{checkpoint_path}: the adapter's tensors do not match its LoRA settings; the file is "
                         f"damaged")

@@ -7,7 +7,6 @@ A and B stay fp32.
 Answering: the adapter is merged into the weights in fp32, then the model is cast once, so the merged weights are
 rounded once and answering costs exactly what the base model costs.
 """
-from dataclasses import asdict
 
 import torch
 
@@ -25,7 +24,7 @@ def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoR
     `.base_fingerprint` identifies the base's weights, taken as loaded (see lora.base_fingerprint)."""
     gpt = load_model(model, init, seed=seed, dropout=base_dropout)
     gpt.base_fingerprint = base_fingerprint(gpt)
-    apply_lora(gpt, **asdict(lora))  # first: it wraps nn.Linear layers, which quantize_base then converts
+    apply_lora(gpt, lora)  # first: it wraps nn.Linear layers, which quantize_base then converts
     quantize_base(gpt, quantize, dtype)
     for p in gpt.parameters():
         if not p.requires_grad:

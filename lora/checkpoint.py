@@ -139,6 +139,6 @@ def apply_adapter(model: nn.Module, checkpoint: dict, strict: bool = False) -> L
             raise LoRAError(f"{message}. Load the base it was trained on (--strict refuses any other)")
         print(f"warning: {message} (--strict refuses this)", file=sys.stderr)
     config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
-    apply_lora(model, **asdict(config))
+    apply_lora(model, config)
     load_lora_state_dict(model, checkpoint["adapter"])
     return config

@@ -20,6 +20,7 @@ trainable numbers per layer than LoRA's r * (in + out).
 - Dropout, as PEFT applies it: the frozen path sees x, the adapter and the rescaling see dropout(x):
       y = x @ W.T + b + (m/n - 1) * dropout(x) @ W.T + (m/n) * s * (dropout(x) @ A.T) @ B.T,   n = ||W + s B A||
   which is the formula above whenever dropout is off (evaluation, or p = 0).
+- In code: DoRA keeps LoRALinear's `low_rank` and overrides `forward`, where the two paths are combined.
 - Merging writes W' into W. The norm n it used is kept, so that unmerging can undo it: W = W' * n / m - s B A.
 
 m is stored as `lora_magnitude_vector` (PEFT's name): adapter checkpoints collect every `lora_` key, so they carry
@@ -55,8 +56,9 @@ class DoRALinear(LoRALinear):
         return torch.linalg.norm(self.weight.float() + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRALinear's two paths, combined as DoRA does: the sum rescaled to the trained length m."""
         if self.merged:
-            return F.linear(x, self.weight, self.bias)  # W already holds W'
+            return self.frozen(x)  # W already holds W'
         rescale = self.lora_magnitude_vector / self.weight_norm()  # (out,): m / n, gradient reaches m only
         frozen = F.linear(x, self.weight)  # (..., out): x @ W.T
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
@@ -64,7 +66,7 @@ class DoRALinear(LoRALinear):
         else:
             dropped = self.lora_dropout(x)
             frozen_dropped = F.linear(dropped, self.weight)  # dropout(x) @ W.T
-        low_rank = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.full_B())  # (..., out)
+        low_rank = self.low_rank(dropped)  # (..., out)
         y = frozen + (rescale - 1) * frozen_dropped + rescale * low_rank  # fp32: m / n - 1 is small, keep its bits
         y = y if self.bias is None else y + self.bias
         return y.to(frozen.dtype)  # under autocast, the dtype plain LoRA's layer gives (bf16), not fp32

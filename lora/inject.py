@@ -1,5 +1,7 @@
 """Putting LoRA into a model: which projections get adapters, and model-wide helpers around them.
 
+    model = apply_lora(GPT(preset("gpt2")), LoRAConfig(rank=4, alpha=8, targets=("c_attn", "c_proj", "c_fc")))
+
 Targets use the checkpoint's module names. In every GPT-2 block:
 
     attn.c_attn  (C -> 3C)  fused query | key | value
@@ -8,13 +10,13 @@ Targets use the checkpoint's module names. In every GPT-2 block:
     mlp.c_proj   (4C -> C)  MLP down-projection
 
 A bare name matches every module ending in it: `c_proj` adapts both the attention and the MLP output
-projections, as the seed's PEFT config did. The seed adapts c_attn, c_proj and c_fc at r=4: 4 modules x 12
-blocks = 48 adapters, 589,824 trainable parameters.
+projections, as the seed's PEFT config did. The seed adapts c_attn, c_proj and c_fc at r=4: 4 modules in each
+of GPT-2's 12 blocks (tests/test_lora.py counts the adapters and their trainable numbers).
 
 Variants, each a small step from plain LoRA: `dora=True` (lora/dora.py), `init="pissa"` (lora/pissa.py),
 `rank_stabilized=True` (scaling alpha / sqrt(r)); LoRA+ is an optimizer setting (lora/loraplus.py).
 """
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -30,6 +32,8 @@ INITS = ("default", "pissa")
 
 @dataclass
 class LoRAConfig:
+    """What to adapt and how. Every check of a LoRA setting lives in __post_init__, so a LoRAConfig that exists
+    can be applied: the flags of train.py, a checkpoint's recorded config and a test's all meet the same checks."""
     rank: int = 4
     alpha: float = 8.0
     dropout: float = 0.0
@@ -40,38 +44,56 @@ class LoRAConfig:
     dora: bool = False  # DoRA: a trainable magnitude per output row (lora/dora.py)
     init: str = "default"  # "default": A random, B = 0; "pissa": A, B from W's top singular vectors (lora/pissa.py)
 
-
-def apply_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, dropout: float = 0.0,
-               targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"), qkv: str = "",
-               rank_stabilized: bool = False, dora: bool = False, init: str = "default") -> nn.Module:
-    """Replace each targeted nn.Linear by a LoRALinear (a DoRALinear with dora) around the same weights, in place,
-    started as PiSSA with init="pissa"; freeze everything else. Returns the model. The arguments are LoRAConfig's
-    fields: `apply_lora(model, **asdict(config))`."""
-    unknown = [t for t in targets if t not in VALID_TARGETS]
-    if unknown or not targets:
-        raise LoRAError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from {', '.join(VALID_TARGETS)}")
-    parts = None
-    if qkv:
-        if set(qkv) - set("qkv") or len(set(qkv)) != len(qkv):
-            raise LoRAError(f"--qkv {qkv!r}: use some of the letters q, k, v once each, e.g. qv")
-        if not any(t.endswith("c_attn") for t in targets):
+    def __post_init__(self):
+        if type(self.rank) is not int or self.rank < 1:
+            raise LoRAError(f"rank {self.rank!r}: the LoRA rank must be a whole number of at least 1 (--rank)")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise LoRAError(f"alpha {self.alpha!r}: the LoRA alpha must be a finite number above 0 (--alpha)")
+        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
+            raise LoRAError(f"dropout {self.dropout!r}: the LoRA dropout must be a number in [0, 1) "
+                            f"(--lora-dropout)")
+        if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
+            raise LoRAError(f"targets {self.targets!r}: give a list of module names, e.g. ('c_attn', 'c_fc')")
+        self.targets = tuple(self.targets)  # a checkpoint's JSON-like dict holds a list
+        unknown = [t for t in self.targets if t not in VALID_TARGETS]
+        if unknown or not self.targets:
+            raise LoRAError(f"unknown LoRA target(s) {unknown or '(none given)'}: choose from "
+                            f"{', '.join(VALID_TARGETS)}")
+        if not isinstance(self.qkv, str) or set(self.qkv) - set("qkv") or len(set(self.qkv)) != len(self.qkv):
+            raise LoRAError(f"--qkv {self.qkv!r}: use some of the letters q, k, v once each, e.g. qv")
+        if self.qkv and not any(t.endswith("c_attn") for t in self.targets):
             raise LoRAError("--qkv selects parts of c_attn: add c_attn to the targets")
-        parts = tuple(p in qkv for p in "qkv")
-    if init not in INITS:
-        raise LoRAError(f"unknown LoRA init {init!r}: choose from {', '.join(INITS)}")
-    if init == "pissa" and qkv:
-        raise LoRAError("PiSSA starts from the singular vectors of whole matrices: use it without --qkv")
+        for flag, value in (("rank_stabilized", self.rank_stabilized), ("dora", self.dora)):
+            if not isinstance(value, bool):
+                raise LoRAError(f"{flag} {value!r}: must be true or false")
+        if self.init not in INITS:
+            raise LoRAError(f"unknown LoRA init {self.init!r}: choose from {', '.join(INITS)}")
+        if self.init == "pissa" and self.qkv:
+            raise LoRAError("PiSSA starts from the singular vectors of whole matrices: use it without --qkv")
+
+    def parts(self, module_name: str):
+        """The q|k|v parts that get their own adapter in this module (lora/fused.py), or None: one adapter."""
+        return tuple(p in self.qkv for p in "qkv") if self.qkv and module_name.endswith("c_attn") else None
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace each targeted nn.Linear by a LoRALinear (a DoRALinear with dora) around the same weights, in place,
+    started as PiSSA with init="pissa"; freeze everything else. Returns the model."""
     wanted = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets)]
+              if isinstance(module, nn.Linear) and any(_matches(name, t) for t in config.targets)]
     if not wanted:
-        raise LoRAError(f"no module of this model matches the LoRA targets {tuple(targets)}")
+        raise LoRAError(f"no module of this model matches the LoRA targets {config.targets}")
+    layer_class = DoRALinear if config.dora else LoRALinear
     for name, linear in wanted:
-        parent_name, _, child = name.rpartition(".")
-        layer_class = DoRALinear if dora else LoRALinear
-        lora = layer_class.from_linear(linear, rank, alpha, dropout, rank_stabilized,
-                                       parts if child == "c_attn" else None)
-        if init == "pissa":
+        lora = layer_class.from_linear(linear, config.rank, config.alpha, config.dropout, config.rank_stabilized,
+                                       config.parts(name))
+        if config.init == "pissa":
             pissa_init_(lora)
+        parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, lora)
     mark_only_lora_as_trainable(model)
     return model
@@ -94,9 +116,14 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its weight: the model then runs at exactly the base model's cost."""
-    for layer in lora_layers(model):
-        layer.merge()
+    """Fold every adapter into its weight: the model then runs at exactly the base model's cost. A layer whose W is
+    stored quantized is first replaced by its dense() copy: W + ΔW rounded back to 4 or 8 bits would lose ΔW."""
+    for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        dense = layer.dense()
+        if dense is not layer:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, dense)
+        dense.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:

@@ -54,20 +54,22 @@ the loss directly. QLoRA keeps the head in 16 bits too; quantizing a tied matrix
 tests/test_quant.py counts these bytes from the tensors (weight_bytes).
 
 Frozen layers. QuantizedLinear (a projection without adapter) and QuantizedLoRALinear (LoRALinear over a quantized
-W: A and B stay fp32 and train exactly as before) both compute x @ Ŵ.T + b through DequantizedMatmul, which keeps
-only the quantized tensors for the backward pass and dequantizes again there. Through plain autograd, the dense Ŵ of
-every layer would stay alive from forward to backward: a full half-precision copy of the base, which is the memory
-quantization was meant to save. Dequantization is elementwise and table lookups, no loop over blocks, so
-torch.compile can fuse it into one kernel per weight. One catch: AOTAutograd's common-subexpression elimination sees
-that the backward's dequantization repeats the forward's, merges them, and then saves the dense Ŵ for the backward
-after all. Compile with `torch._functorch.config.cse = False` to keep only the quantized tensors saved (checked
-on the traced graphs; on an H100, gpt2-xl nf4 compiled with CSE on peaked higher than bf16).
+W, overriding only its `frozen` path: A and B stay fp32 and train exactly as before) both compute x @ Ŵ.T + b
+through DequantizedMatmul, which keeps only the quantized tensors for the backward pass and dequantizes again
+there. Through plain autograd, the dense Ŵ of every layer would stay alive from forward to backward: a full
+half-precision copy of the base, which is the memory quantization was meant to save. Dequantization is elementwise
+and table lookups, no loop over blocks, so torch.compile can fuse it into one kernel per weight. One catch:
+AOTAutograd's common-subexpression elimination sees that the backward's dequantization repeats the forward's,
+merges them, and then saves the dense Ŵ for the backward after all. Compile with `torch._functorch.config.cse =
+False` to keep only the quantized tensors saved (checked on the traced graphs; on an H100, gpt2-xl nf4 compiled
+with CSE on peaked higher than bf16).
 
 Merging. Merging ΔW = scaling * B @ A into a quantized W would mean re-quantizing W + ΔW, and ΔW is mostly far
-below half a quantization step: rounding would erase the update. So merge() dequantizes first (QLoRA's advice for
-serving): W <- Ŵ + ΔW in fp32, rounded once to the compute dtype, and the layer becomes a plain half-precision
-LoRALinear (unmerge() subtracts ΔW again; it does not re-quantize). The merged model holds the exact base the
-adapter was trained on, plus ΔW.
+below half a quantization step: rounding would erase the update. So a quantized layer never holds W + ΔW:
+merge_lora replaces each QuantizedLoRALinear by its dense() copy, a plain LoRALinear over Ŵ dequantized in fp32
+(QLoRA's advice for serving), and merges that: W <- Ŵ + ΔW in fp32, rounded once when the model is cast to the
+compute dtype. The merged model holds the exact base the adapter was trained on, plus ΔW; unmerging gives Ŵ back
+(it does not re-quantize). Projections without an adapter stay quantized.
 
 Order: apply_lora first (it wraps nn.Linear layers), then quantize_base, then cast the remaining frozen parameters
 to half precision. Quantizing is deterministic (elementwise, correctly rounded operations), so the same base
@@ -82,6 +84,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dora import DoRALinear
+from .errors import LoRAError
 from .layer import LoRALinear
 
 MODES = ("none", "int8", "nf4")
@@ -243,37 +246,36 @@ class QuantizedLoRALinear(LoRALinear):
         """The same adapter (A, B, bias and dropout shared, not copied) over W quantized."""
         if lora.merged:
             raise ValueError("this LoRALinear is merged: quantizing W + ΔW would lose ΔW to rounding; unmerge first")
-        with torch.device("meta"):  # an empty shell: no memory and no random draws; its tensors are replaced below
-            layer = cls(lora.in_features, lora.out_features, lora.rank, lora.alpha, bias=lora.bias is not None,
-                        parts=lora.parts)
-        layer.scaling, layer.lora_dropout = lora.scaling, lora.lora_dropout
-        layer.lora_A, layer.lora_B, layer.bias = lora.lora_A, lora.lora_B, lora.bias
-        del layer.weight
+        layer = _sharing_adapter(cls, lora)
         layer.quantized_weight = QuantizedWeight(lora.weight, mode)
         layer.compute_dtype = compute_dtype
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized_weight is None:
-            return super().forward(x)  # merge() made this a plain half-precision LoRALinear
-        y = self.quantized_weight.linear(x, self.bias, self.compute_dtype)  # (..., out): the frozen path
-        z = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., n*r): the low-rank bottleneck
-        return y + F.linear(z, self.full_B())  # (..., out)
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Ŵ.T + b, Ŵ dequantized for this matmul only: the one path a quantized base changes."""
+        return self.quantized_weight.linear(x, self.bias, self.compute_dtype)  # (..., out)
 
-    @torch.no_grad()
+    def dense(self) -> LoRALinear:
+        """The same adapter (A, B, bias and dropout shared) over Ŵ dequantized in fp32: what merging adds ΔW to."""
+        layer = _sharing_adapter(LoRALinear, self)
+        layer.weight = nn.Parameter(self.quantized_weight.dequantize(torch.float32), requires_grad=False)
+        return layer
+
     def merge(self) -> None:
-        """W <- dequantize(Q) + ΔW, in fp32, rounded once to the compute dtype; the quantized copy is dropped.
-        Idempotent; after it, unmerge() and merge() are LoRALinear's (on the half-precision W)."""
-        if self.quantized_weight is None:
-            return super().merge()
-        merged = self.quantized_weight.dequantize(torch.float32) + self.delta_weight()  # (out, in)
-        self.weight = nn.Parameter(merged.to(self.compute_dtype), requires_grad=False)
-        self.quantized_weight = None
-        self.merged = True
+        raise LoRAError("a quantized layer cannot hold W + ΔW: merge_lora(model) replaces it by its dense() "
+                        "layer and merges that")
 
-    def unmerge(self) -> None:
-        if self.quantized_weight is None:
-            super().unmerge()
+
+def _sharing_adapter(layer_class: type, lora: LoRALinear) -> LoRALinear:
+    """A layer of `layer_class` with `lora`'s A, B, bias, dropout and scaling (shared, not copied), and no frozen
+    weight yet: the caller gives it one."""
+    with torch.device("meta"):  # an empty shell: no memory and no random draws; its tensors are replaced below
+        layer = layer_class(lora.in_features, lora.out_features, lora.rank, lora.alpha, bias=lora.bias is not None,
+                            parts=lora.parts)
+    layer.scaling, layer.lora_dropout = lora.scaling, lora.lora_dropout
+    layer.lora_A, layer.lora_B, layer.bias = lora.lora_A, lora.lora_B, lora.bias
+    del layer.weight
+    return layer
 
 
 def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:

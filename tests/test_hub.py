@@ -136,7 +136,7 @@ def test_peft_adapter_from_the_hub_on_its_hub_base(hub, base, tmp_path):
     _, base_dir = base
     hub.add_dir("someone/tiny-gpt2", base_dir)
     config = LoRAConfig(rank=2, alpha=4.0, targets=("c_attn",))
-    model = apply_lora(from_pretrained(str(base_dir)), rank=2, alpha=4.0, targets=("c_attn",))
+    model = apply_lora(from_pretrained(str(base_dir)), LoRAConfig(rank=2, alpha=4.0, targets=("c_attn",)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:

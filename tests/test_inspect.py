@@ -16,7 +16,7 @@ SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
 def trained_like(rank: int = 4, seed: int = 1, **options):
     """A tiny model whose adapters have random A and B, as a trained adapter would."""
     torch.manual_seed(0)
-    model = apply_lora(GPT(preset("gpt2-tiny")), **{**SEED, "rank": rank, **options})
+    model = apply_lora(GPT(preset("gpt2-tiny")), LoRAConfig(**{**SEED, "rank": rank, **options}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -68,7 +68,7 @@ def test_cli_reports_ratios_against_the_base_compares_two_runs_and_writes_a_png(
     model = from_pretrained(str(hub))
     base_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in ("c_attn", "c_proj", "c_fc")}
-    apply_lora(model, **SEED)
+    apply_lora(model, LoRAConfig(**SEED))
     with torch.no_grad():
         for layer in lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.05)
@@ -103,7 +103,7 @@ def test_dora_weight_change_with_a_base_is_the_merged_weight_minus_the_base(tmp_
     hub = save_hub_layout(hf, tmp_path / "hub")
     model = from_pretrained(str(hub))
     base = model.transformer.h[0].attn.c_proj.weight.detach().clone()
-    apply_lora(model, **SEED, dora=True)
+    apply_lora(model, LoRAConfig(**SEED, dora=True))
     layer = model.transformer.h[0].attn.c_proj
     with torch.no_grad():
         torch.nn.init.normal_(layer.lora_B, std=0.05)

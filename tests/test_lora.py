@@ -35,14 +35,14 @@ def rel_err(a, b):
 
 def test_adapted_model_equals_base_model_at_init():
     base = tiny_model()
-    adapted = apply_lora(copy.deepcopy(base), **SEED)
+    adapted = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED))
     with torch.no_grad():
         assert torch.equal(adapted(IDX), base(IDX))
     assert len(lora_layers(adapted)) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
 
 
 def test_training_changes_only_A_and_B_and_no_gradient_reaches_the_base():
-    model = apply_lora(tiny_model(), **SEED).train()
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED)).train()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -59,7 +59,7 @@ def test_training_changes_only_A_and_B_and_no_gradient_reaches_the_base():
 
 
 def test_merge_is_exact_idempotent_and_reversible():
-    model = apply_lora(tiny_model(), **SEED)
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
     randomize_adapters(model)
     pretrained = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_merge_in_bf16_stays_within_bf16_rounding_of_the_fp32_result():
 
 def test_seed_config_on_gpt2_124M_trains_589824_parameters():
     with torch.device("meta"):
-        model = apply_lora(GPT(preset("gpt2")), **SEED)
+        model = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED))
     assert parameter_report(model) == \
         "trainable params: 589,824 || all params: 125,029,632 || trainable%: 0.4717"
 
@@ -101,7 +101,7 @@ def test_seed_config_on_gpt2_124M_trains_589824_parameters():
 def test_same_logits_and_gradients_as_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     hf = random_hf_gpt2(**TINY_SHAPE)
-    ours = apply_lora(from_pretrained(str(save_hub_layout(hf, tmp_path))), **SEED).train()
+    ours = apply_lora(from_pretrained(str(save_hub_layout(hf, tmp_path))), LoRAConfig(**SEED)).train()
     randomize_adapters(ours)
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
                                          target_modules=["c_attn", "c_proj", "c_fc"])).train()
@@ -144,7 +144,7 @@ def test_selective_qv_adaptation_equals_explicit_reference():
 
 
 def test_qkv_option_adapts_only_the_chosen_parts_of_c_attn():
-    model = apply_lora(tiny_model(), rank=2, alpha=4, targets=("c_attn",), qkv="qv")
+    model = apply_lora(tiny_model(), LoRAConfig(rank=2, alpha=4, targets=("c_attn",), qkv="qv"))
     randomize_adapters(model)
     c_attn = model.transformer.h[0].attn.c_attn
     delta = c_attn.delta_weight()  # (3C, C)
@@ -156,16 +156,33 @@ def test_qkv_option_adapts_only_the_chosen_parts_of_c_attn():
 
 @pytest.mark.parametrize("options, message", [
     (dict(targets=("c_attn", "q_proj")), r"unknown LoRA target.*q_proj.*choose from c_attn, c_proj, c_fc"),
+    (dict(targets=()), r"unknown LoRA target.*none given"),
+    (dict(targets="c_attn"), "give a list of module names"),
     (dict(targets=("c_fc",), qkv="qv"), "add c_attn"),
     (dict(qkv="qx"), "letters q, k, v"),
+    (dict(qkv="qq"), "letters q, k, v once each"),
+    (dict(rank=0), "rank 0: .* at least 1"),
+    (dict(rank=2.5), "rank 2.5: .* whole number"),
+    (dict(alpha=float("nan")), "alpha nan: .* finite number above 0"),
+    (dict(alpha=0), "alpha 0: .* above 0"),
+    (dict(alpha="8"), "alpha '8'"),
+    (dict(dropout=1.0), r"dropout 1.0: .* in \[0, 1\)"),
+    (dict(dropout=-0.1), "dropout -0.1"),
+    (dict(dora="yes"), "dora 'yes': must be true or false"),
 ])
 def test_bad_lora_configs_are_clear_errors(options, message):
+    """Every check of a LoRA setting is LoRAConfig's: refused on construction, before any model is touched."""
     with pytest.raises(LoRAError, match=message):
-        apply_lora(tiny_model(), **options)
+        LoRAConfig(**options)
+
+
+def test_apply_lora_refuses_a_model_without_the_targets():
+    with pytest.raises(LoRAError, match="no module of this model matches"):
+        apply_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), SEED_CONFIG)
 
 
 def test_adapter_round_trip_reproduces_logits(tmp_path):
-    model = apply_lora(tiny_model(), **SEED)
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
     randomize_adapters(model)
     base = {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)}
     save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, base)
@@ -179,14 +196,14 @@ def test_seed_adapter_file_is_a_few_megabytes(tmp_path):
     with torch.device("meta"):
         model = GPT(preset("gpt2"))
     model.to_empty(device="cpu")
-    apply_lora(model, **SEED)
+    apply_lora(model, LoRAConfig(**SEED))
     save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, {"model": "gpt2", "config": vars(model.config)})
     size = (tmp_path / "adapter.pt").stat().st_size
     assert 589_824 * 4 < size < 3_000_000
 
 
 def test_adapter_refuses_another_base_or_another_rank(tmp_path):
-    model = apply_lora(tiny_model(), **SEED)
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
     save_adapter(tmp_path / "a.pt", model, SEED_CONFIG, {"model": "gpt2-tiny", "config": vars(model.config)})
     checkpoint = load_adapter(tmp_path / "a.pt")
     bigger = GPT(preset("gpt2-tiny").__class__(n_layer=3, n_head=4, n_embd=64))

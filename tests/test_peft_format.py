@@ -8,7 +8,7 @@ import copy
 import json
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,7 +85,7 @@ def test_writer_leaves_the_old_file_when_it_fails(tmp_path):
 def test_exported_adapter_gives_peft_our_logits(hf_base, tmp_path, config):
     from peft import PeftModel
     hf, base_dir = hf_base
-    ours = apply_lora(from_pretrained(str(base_dir)), **asdict(config))
+    ours = apply_lora(from_pretrained(str(base_dir)), config)
     randomize(ours)
     save_peft_adapter(tmp_path / "adapter", ours, config, str(base_dir))
 
@@ -114,7 +114,7 @@ def test_export_script_writes_both_from_a_run(hf_base, tmp_path):
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
     hf, base_dir = hf_base
-    model = apply_lora(from_pretrained(str(base_dir)), **asdict(QV_RS))
+    model = apply_lora(from_pretrained(str(base_dir)), QV_RS)
     randomize(model, seed=5)
     base = {"model": str(base_dir), "init": "pretrained", "seed": 0, "config": vars(model.config)}
     save_adapter(tmp_path / "run" / "checkpoint.pt", model, QV_RS, base, step=3)
@@ -130,7 +130,7 @@ def test_export_script_writes_both_from_a_run(hf_base, tmp_path):
 
 def test_merged_model_is_the_hubs_layout(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=11, block_size=16))
-    apply_lora(model, rank=2, targets=("c_fc",))
+    apply_lora(model, LoRAConfig(rank=2, targets=("c_fc",)))
     randomize(model)
     merge_lora(model)
     save_pretrained(model, tmp_path)
@@ -186,7 +186,7 @@ def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):
     """Exported and imported again, onto a base given explicitly (evaluate.py's --model) rather than the one the
     adapter names (which would be a Hub download)."""
     _, base_dir = hf_base
-    ours = apply_lora(from_pretrained(str(base_dir)), **asdict(QV_RS))
+    ours = apply_lora(from_pretrained(str(base_dir)), QV_RS)
     randomize(ours, seed=2)
     save_peft_adapter(tmp_path, ours, QV_RS, "someone/not-to-be-downloaded")
     assert rel_err(logits(load_adapted_model(str(tmp_path), str(base_dir))), logits(ours)) < 1e-6
@@ -196,7 +196,7 @@ def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):
 def exported(hf_base, tmp_path_factory):
     """A valid PEFT adapter (config, tensors) of the 3-layer base, to be spoiled one field at a time."""
     _, base_dir = hf_base
-    model = apply_lora(from_pretrained(str(base_dir)), **asdict(FULL))
+    model = apply_lora(from_pretrained(str(base_dir)), FULL)
     directory = save_peft_adapter(tmp_path_factory.mktemp("valid"), model, FULL, str(base_dir))
     return read_peft_adapter(str(directory))
 
@@ -265,7 +265,7 @@ def test_lora_imports_only_torch_and_the_standard_library():
 def test_lora_errors_print_one_line_beside_gpt2s(tmp_path):
     """Both packages' user errors print as one line, whichever package installed its hook first."""
     script = ("import gpt2, lora, torch, sys\n"
-              "lora.apply_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=('q_proj',))\n")
+              "lora.LoRAConfig(targets=('q_proj',))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: unknown LoRA target(s) ['q_proj']")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import GPT, from_pretrained, generate, load_model, preset
-from lora import apply_adapter, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
-from lora.inject import LoRAConfig
+from lora import (LoRAConfig, LoRAError, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers, merge_lora,
+                  save_adapter, unmerge_lora)
 from lora.quant import (ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, PROJECTIONS, QuantizedLinear, QuantizedLoRALinear,
                         QuantizedWeight, pack_4bit, quantize_base, unpack_4bit, weight_bytes)
 
@@ -105,7 +105,7 @@ def quantized_pair(hub_dir, mode, lora=None):
     """The same random GPT-2, once quantized and once unquantized with W := Ŵ: they must compute the same thing."""
     model = from_pretrained(str(hub_dir)).eval()
     if lora:
-        apply_lora(model, **lora)
+        apply_lora(model, LoRAConfig(**lora))
         randomize_adapters(model)
     reference = copy.deepcopy(model)
     quantize_base(model, mode, torch.float32)
@@ -116,7 +116,7 @@ def quantized_pair(hub_dir, mode, lora=None):
 @pytest.mark.parametrize("mode, weight_tolerance", [("int8", 0.01), ("nf4", 0.1)])
 def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(tiny_hub_dir, mode, weight_tolerance):
     model, reference = quantized_pair(tiny_hub_dir, mode, SEED)
-    original = apply_lora(from_pretrained(str(tiny_hub_dir)).eval(), **SEED)
+    original = apply_lora(from_pretrained(str(tiny_hub_dir)).eval(), LoRAConfig(**SEED))
     randomize_adapters(original)
     # Stated tolerances. Weights: relative (Frobenius) error under 1% for int8, 10% for nf4; for Gaussian weights
     # 8 bits give about absmax / 127 / sqrt(12) = 0.7%, 4 bits about 9%. Logits: under 3x the largest weight error
@@ -129,7 +129,8 @@ def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(ti
         torch.testing.assert_close(logits, reference(IDX), atol=1e-5, rtol=1e-5)
         assert rel_err(logits, original(IDX)) < 3 * weight_error
         # In bf16 on the CPU: the scales stay fp32 through .to(bfloat16), and the logits follow within bf16 rounding.
-        half = quantize_base(apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
+        half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
+        quantize_base(half, mode, torch.bfloat16)
         randomize_adapters(half)
         half.to(torch.bfloat16).eval()
         assert all(t.dtype in (torch.int8, torch.uint8, torch.float32)
@@ -205,7 +206,8 @@ def test_quantizing_the_same_base_twice_gives_identical_codes(mode):
 
 def test_checkpoint_round_trip_rebuilds_the_same_quantized_base(tmp_path):
     """What evaluate.py will do: load the base, apply the adapter (apply_lora wraps nn.Linear), then quantize."""
-    model = quantize_base(apply_lora(load_model("gpt2-tiny", "random", seed=0), **SEED), "nf4", torch.float32)
+    model = apply_lora(load_model("gpt2-tiny", "random", seed=0), LoRAConfig(**SEED))
+    quantize_base(model, "nf4", torch.float32)
     randomize_adapters(model)
     save_adapter(tmp_path / "adapter.pt", model, LoRAConfig(**SEED),
                  {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config), "quantize": "nf4"})
@@ -220,27 +222,31 @@ def test_checkpoint_round_trip_rebuilds_the_same_quantized_base(tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_merge_dequantizes_then_adds_the_update(tiny_hub_dir, mode):
     model, reference = quantized_pair(tiny_hub_dir, mode, SEED)
-    layer = model.transformer.h[0].attn.c_attn
-    dequantized = layer.quantized_weight.dequantize(torch.float32)
+    quantized = model.transformer.h[0].attn.c_attn
+    dequantized = quantized.quantized_weight.dequantize(torch.float32)
+    with pytest.raises(LoRAError, match="merge_lora"):
+        quantized.merge()  # a quantized layer never holds W + ΔW
     with torch.no_grad():
         before = model(IDX)
         merge_lora(model)
         merge_lora(model)  # idempotent
-        assert layer.quantized_weight is None and layer.weight.dtype == torch.float32
+        layer = model.transformer.h[0].attn.c_attn  # replaced by a plain LoRALinear over Ŵ, sharing A and B
+        assert type(layer) is LoRALinear and layer.lora_A is quantized.lora_A and layer.weight.dtype == torch.float32
         assert not layer.weight.requires_grad
         assert torch.equal(layer.weight, dequantized + layer.delta_weight())  # Ŵ + ΔW, not re-quantized
         torch.testing.assert_close(model(IDX), before, atol=1e-5, rtol=1e-5)
         unmerge_lora(model)
         torch.testing.assert_close(layer.weight, dequantized, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(IDX), before, atol=1e-5, rtol=1e-5)
-    # In half precision the merged weight is the compute dtype, rounded once.
-    half = quantize_base(apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED), mode, torch.bfloat16)
+    # In half precision the merged layers hold Ŵ + ΔW in fp32 until the model is cast: rounded once.
+    half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
+    quantize_base(half, mode, torch.bfloat16)
     merge_lora(half)
-    assert all(m.weight.dtype == torch.bfloat16 for m in lora_layers(half))
+    assert not any(isinstance(m, QuantizedLoRALinear) for m in half.modules())
 
 
 def test_misuse_is_a_clear_error(tiny_hub_dir):
-    model = apply_lora(from_pretrained(str(tiny_hub_dir)), **SEED)
+    model = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
     assert quantize_base(model, "none", torch.float32) is model
     assert not any(isinstance(m, QuantizedWeight) for m in model.modules())
     with pytest.raises(ValueError, match="int8, nf4"):

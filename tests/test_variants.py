@@ -1,6 +1,5 @@
 """The LoRA variants: DoRA, PiSSA and LoRA+ give PEFT's numbers; checkpoints carry them; old checkpoints still load."""
 import copy
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def peft_adapter_params(peft) -> dict:
 
 def test_dora_same_logits_and_gradients_as_peft(tmp_path):
     ours, peft = peft_gpt2(tmp_path, use_dora=True)
-    apply_lora(ours, **SEED, dora=True).train()
+    apply_lora(ours, LoRAConfig(**SEED, dora=True)).train()
     peft.train()
     randomize(ours)
     theirs = peft_adapter_params(peft)
@@ -114,7 +113,7 @@ def test_dora_with_dropout_is_pefts_formula():
 
 def test_dora_starts_at_the_base_model_and_merges_exactly():
     base = tiny_model()
-    model = apply_lora(copy.deepcopy(base), **SEED, dora=True)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED, dora=True))
     with torch.no_grad():
         assert rel_err(model(IDX), base(IDX)) < 1e-6  # m = ||W||, B = 0: W' = W
     randomize(model)
@@ -136,7 +135,7 @@ def test_dora_trains_on_a_half_precision_base_like_lora():
     """train.py stores the frozen base in bf16 and runs under autocast: a DoRA layer must hand the next layer the
     dtype a LoRA layer does (bf16, not fp32, which LayerNorm's bf16 parameters would refuse) and stay within bf16
     rounding of the fp32 model, and m must get gradients."""
-    model = apply_lora(tiny_model(), **SEED, dora=True).train()
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED, dora=True)).train()
     randomize(model)
     with torch.no_grad():
         exact = model(IDX)
@@ -152,7 +151,7 @@ def test_dora_trains_on_a_half_precision_base_like_lora():
 
 
 def test_dora_checkpoint_carries_the_magnitudes(tmp_path):
-    model = apply_lora(tiny_model(), **SEED, dora=True)
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED, dora=True))
     randomize(model)
     config = LoRAConfig(**SEED, dora=True)
     save_adapter(tmp_path / "a.pt", model, config, base_info(model))
@@ -172,7 +171,7 @@ def test_pissa_init_equals_pefts_and_the_model_starts_at_the_base(tmp_path):
     layout would fail this test. Singular vectors are defined up to sign: compare s B A, and the residual W."""
     ours, peft = peft_gpt2(tmp_path, init_lora_weights="pissa")
     base = copy.deepcopy(ours)
-    apply_lora(ours, **SEED, init="pissa")
+    apply_lora(ours, LoRAConfig(**SEED, init="pissa"))
     with torch.no_grad():
         assert rel_err(ours(IDX), base(IDX)) < 1e-5
         for name, layer in ours.named_modules():
@@ -201,7 +200,7 @@ def train_a_few_steps(model, steps: int = 3) -> None:
                                      dict(dora=True, rank_stabilized=True)])
 def test_saved_pissa_adapter_applies_to_the_original_base(tmp_path, variant):
     config = LoRAConfig(**SEED, init="pissa", **variant)
-    model = apply_lora(tiny_model(), **asdict(config))
+    model = apply_lora(tiny_model(), config)
     train_a_few_steps(model)
     save_adapter(tmp_path / "a.pt", model, config, base_info(model))
     checkpoint = load_adapter(tmp_path / "a.pt")
@@ -218,15 +217,15 @@ def test_saved_pissa_adapter_applies_to_the_original_base(tmp_path, variant):
 def test_pissa_run_resumes_from_its_saved_adapter(tmp_path):
     """Resuming rebuilds the PiSSA model (a fresh SVD) and loads the file: A, B and W_res come back exactly. Where
     the rebuilt model's SVD differs from the file's (another machine), W_res moves to the file's."""
-    model = apply_lora(tiny_model(), **SEED, init="pissa")
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
     train_a_few_steps(model)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     saved = lora_state_dict(model)
-    resumed = apply_lora(tiny_model(), **SEED, init="pissa")
+    resumed = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
     load_lora_state_dict(resumed, saved)
     assert all(torch.equal(v, trained[k]) for k, v in resumed.state_dict().items())
 
-    elsewhere = apply_lora(tiny_model(), **SEED, init="pissa")
+    elsewhere = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
     with torch.no_grad():
         for layer in lora_layers(elsewhere):  # another, consistent split W = W_res' + s B0' A0'
             layer.weight.sub_(layer.scaling * layer.initial_B @ (0.1 * layer.initial_A))
@@ -240,7 +239,7 @@ def test_pissa_run_resumes_from_its_saved_adapter(tmp_path):
 def test_loraplus_groups_equal_pefts(tmp_path):
     from peft.optimizers import create_loraplus_optimizer
     ours, peft = peft_gpt2(tmp_path, use_dora=True)  # with DoRA, so that the 1-D magnitudes are grouped too
-    apply_lora(ours, **SEED, dora=True)
+    apply_lora(ours, LoRAConfig(**SEED, dora=True))
     ours_groups = loraplus_param_groups(ours, lr=1e-4, ratio=16, weight_decay=0.01)
     theirs = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16,
                                        loraplus_weight_decay=0.01)
@@ -267,7 +266,7 @@ def test_trainable_parameters_of_each_variant_on_gpt2_124M():
     from transformers import GPT2Config, GPT2LMHeadModel
     for options in (dict(), dict(dora=True)):
         with torch.device("meta"):
-            ours = apply_lora(GPT(preset("gpt2")), **SEED, **options)
+            ours = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED, **options))
             hf = GPT2LMHeadModel(GPT2Config())
         peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=bool(options),
                                              target_modules=["c_attn", "c_proj", "c_fc"]))
@@ -279,7 +278,7 @@ def test_trainable_parameters_of_each_variant_on_gpt2_124M():
 
 
 def test_checkpoint_saved_before_the_variants_existed_still_loads(tmp_path):
-    model = apply_lora(tiny_model(), **SEED)
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
     randomize(model)
     save_adapter(tmp_path / "a.pt", model, LoRAConfig(**SEED), base_info(model))
     checkpoint = load_adapter(tmp_path / "a.pt")
@@ -297,4 +296,4 @@ def test_checkpoint_saved_before_the_variants_existed_still_loads(tmp_path):
 ])
 def test_bad_variant_settings_are_clear_errors(options, message):
     with pytest.raises(LoRAError, match=message):
-        apply_lora(tiny_model(), **options)
+        apply_lora(tiny_model(), LoRAConfig(**options))
