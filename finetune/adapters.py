@@ -18,7 +18,8 @@ from gpt2 import GPT, GPTConfig, UserError, load_model
 from gpt2.files import atomic_write
 from gpt2.hub import hub_file, is_repo_id
 from gpt2.safetensors import load_safetensors, save_safetensors
-from lora import LoRAConfig, apply_adapter, apply_lora, apply_peft, load_adapter, lora_state_dict, to_peft
+from lora import (LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, check_peft_config, load_adapter,
+                  lora_state_dict, recorded_config, to_peft)
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,7 +45,7 @@ def export_run_to_peft(run: str | os.PathLike, directory: str | os.PathLike) -> 
     gets real tensors."""
     checkpoint_path = Path(run) / CHECKPOINT if Path(run).is_dir() else Path(run)
     checkpoint = load_adapter(checkpoint_path)
-    lora_config = LoRAConfig(**{**checkpoint["lora_config"], "targets": tuple(checkpoint["lora_config"]["targets"])})
+    lora_config = recorded_config(checkpoint)
     with torch.device("meta"):
         model = GPT(GPTConfig(**checkpoint["base"]["config"]))
         apply_lora(model, lora_config)
@@ -77,6 +78,10 @@ def read_peft_adapter(dir_or_repo_id: str) -> tuple[dict, dict[str, torch.Tensor
         config = json.loads(config_file.read_text())
     except ValueError as e:
         raise UserError(f"{config_file} is not valid JSON ({e})") from None
+    try:
+        check_peft_config(config)  # before anyone reads a field of it
+    except LoRAError as e:
+        raise LoRAError(f"{config_file.parent}: {e}") from None
     return config, load_safetensors(weights_file)
 
 
@@ -117,5 +122,5 @@ def load_adapted_model(checkpoint: str, model_name: str | None = None, strict: b
         raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
                         f"--model")
     model = load_model(base_name)
-    apply_peft(model, peft_config, tensors)
+    apply_peft(model, peft_config, tensors, source=checkpoint)
     return model

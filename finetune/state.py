@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from gpt2 import UserError
 from gpt2.files import atomic_write, check_writable_dir
-from lora import load_lora_state_dict
+from lora import ADAPTER_LIMIT, load_lora_state_dict
 
 from .adapters import ADAPTER_DIR, CHECKPOINT, PEFT_FILES
 from .quality import BEST
@@ -41,12 +41,6 @@ RUN_DEFINING = ("model", "init", "rank", "alpha", "targets", "qkv", "rslora", "d
                 "quantize", "max_len", "loss_on", "no_eos", "seed", "micro_batch_size", "grad_accum", "data_dir",
                 "train_file")
 COMPARED_BY_CONTENT = ("model", "data_dir", "train_file")
-
-# The largest magnitude a saved A or B may hold. A trained adapter is a small correction to weights of order 1:
-# Adam moves each entry by about the learning rate per step (5e-5 x 1200 steps = 0.06 for the seed's recipe), and
-# even lr 1e-2 for 10,000 steps stays far below. Entries of 1e4 make B @ A alone exceed fp16's largest number
-# (65,504), so the adapter could not even be merged for half-precision answering: such a state is divergence.
-ADAPTER_LIMIT = 1e4
 
 
 def _is_temporary(name: str, owner: str) -> bool:

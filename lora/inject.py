@@ -25,6 +25,7 @@ from .dora import DoRALinear
 from .errors import LoRAError
 from .layer import LoRALinear
 from .pissa import pissa_init_
+from .sound import is_number
 
 VALID_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 INITS = ("default", "pissa")
@@ -47,9 +48,9 @@ class LoRAConfig:
     def __post_init__(self):
         if type(self.rank) is not int or self.rank < 1:
             raise LoRAError(f"rank {self.rank!r}: the LoRA rank must be a whole number of at least 1 (--rank)")
-        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise LoRAError(f"alpha {self.alpha!r}: the LoRA alpha must be a finite number above 0 (--alpha)")
-        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise LoRAError(f"dropout {self.dropout!r}: the LoRA dropout must be a number in [0, 1) "
                             f"(--lora-dropout)")
         if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
@@ -76,27 +77,37 @@ class LoRAConfig:
         return tuple(p in self.qkv for p in "qkv") if self.qkv and module_name.endswith("c_attn") else None
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear (a DoRALinear with dora) around the same weights, in place,
     started as PiSSA with init="pissa"; freeze everything else. Returns the model."""
+    install(model, new_lora_layers(model, config))
+    return model
+
+
+def new_lora_layers(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
+    """The LoRA layer of each targeted nn.Linear, by module name, around its weights (shared, not copied), not yet
+    in the model: a loader can fill them and check the fit before the model changes. PiSSA's init writes the
+    residual into the shared weights at once."""
     wanted = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and any(_matches(name, t) for t in config.targets)]
     if not wanted:
         raise LoRAError(f"no module of this model matches the LoRA targets {config.targets}")
     layer_class = DoRALinear if config.dora else LoRALinear
+    layers = {}
     for name, linear in wanted:
-        lora = layer_class.from_linear(linear, config.rank, config.alpha, config.dropout, config.rank_stabilized,
-                                       config.parts(name))
+        layers[name] = layer_class.from_linear(linear, config.rank, config.alpha, config.dropout,
+                                               config.rank_stabilized, config.parts(name))
         if config.init == "pissa":
-            pissa_init_(lora)
+            pissa_init_(layers[name])
+    return layers
+
+
+def install(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put each layer in the model under its module name, and train only the adapters."""
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, lora)
+        setattr(model.get_submodule(parent_name), child, layer)
     mark_only_lora_as_trainable(model)
-    return model
 
 
 def _matches(module_name: str, target: str) -> bool:

@@ -33,9 +33,10 @@ import torch.nn as nn
 
 from .dora import DoRALinear
 from .errors import LoRAError
-from .inject import LoRAConfig, mark_only_lora_as_trainable
-from .pissa import pissa_to_lora, saved_config
+from .inject import LoRAConfig, install
 from .layer import LoRALinear
+from .pissa import pissa_to_lora, saved_config
+from .sound import check_adapter_tensors, is_number
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,13 +118,25 @@ def _named_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return layers
 
 
-def apply_peft(model: nn.Module, peft_config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+def apply_peft(model: nn.Module, peft_config: dict, tensors: dict[str, torch.Tensor],
+               source: str = "the PEFT adapter") -> list[str]:
     """Give `model` the LoRA layers of a PEFT adapter, with its A and B: each adapted nn.Linear becomes a
     LoRALinear of that module's rank and alpha. Everything is checked before the model is touched: an adapter
-    that does not fit raises LoRAError, naming the field or tensor, and leaves the model as it was.
-    Returns the names of the adapted modules."""
-    _check_supported(peft_config)
-    plan = []  # (name, linear, A, B, rank, alpha)
+    that does not fit raises LoRAError, naming `source` (its directory), the file and the field or tensor, and
+    leaves the model as it was. Returns the names of the adapted modules."""
+    try:
+        layers = _peft_layers(model, peft_config, tensors)
+    except LoRAError as e:
+        raise LoRAError(f"{source}: {e}") from None
+    install(model, layers)
+    return list(layers)
+
+
+def _peft_layers(model: nn.Module, peft_config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoRALinear]:
+    """The LoRALinear of each adapted module, holding the file's A and B, not yet in the model."""
+    check_peft_config(peft_config)
+    check_adapter_tensors(tensors, WEIGHTS_NAME)
+    layers = {}
     for name, (A, B) in _pairs(tensors).items():
         if name == "lm_head" or name.endswith(".lm_head"):
             raise LoRAError("target_modules: an adapter of lm_head is not supported (GPT-2's output head is the "
@@ -138,48 +151,95 @@ def apply_peft(model: nn.Module, peft_config: dict, tensors: dict[str, torch.Ten
         if not isinstance(linear, nn.Linear):
             raise LoRAError(f"target_modules: {name} is a {type(linear).__name__}; only linear projections "
                             f"(c_attn, c_proj, c_fc) can be adapted here")
+        if A.ndim != 2 or B.ndim != 2:
+            raise LoRAError(f"{WEIGHTS_NAME}: {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must "
+                            f"both be matrices (2 dimensions)")
         rank = A.shape[0]
         expected_rank = _pattern_value(peft_config, "rank_pattern", "r", name)
         if rank != expected_rank or B.shape[1] != rank:
-            raise LoRAError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not have the rank "
-                            f"{expected_rank} that r / rank_pattern give")
+            raise LoRAError(f"{WEIGHTS_NAME}: {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not "
+                            f"have the rank {expected_rank} that {CONFIG_NAME}'s r / rank_pattern give")
         if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features:
             raise LoRAError(f"the adapter was made for a base of another shape: {name} maps {A.shape[1]} -> "
                             f"{B.shape[0]} features in the adapter, {linear.in_features} -> "
                             f"{linear.out_features} in this model")
         alpha = _pattern_value(peft_config, "alpha_pattern", "lora_alpha", name)
-        plan.append((name, linear, A, B, rank, alpha))
-    for name, linear, A, B, rank, alpha in plan:
-        lora = LoRALinear.from_linear(linear, rank, alpha, peft_config.get("lora_dropout", 0.0),
-                                      bool(peft_config.get("use_rslora")))
+        layer = LoRALinear.from_linear(linear, rank, alpha, peft_config.get("lora_dropout", 0.0),
+                                       bool(peft_config.get("use_rslora")))
         with torch.no_grad():
-            lora.lora_A.copy_(A)
-            lora.lora_B.copy_(B)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, lora)
-    mark_only_lora_as_trainable(model)
-    return [name for name, *_ in plan]
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        layers[name] = layer
+    return layers
+
+
+def check_peft_config(peft_config: dict) -> None:
+    """adapter_config.json's types and ranges, and that it asks for nothing LoRALinear does not compute."""
+    if not isinstance(peft_config, dict):
+        raise LoRAError(f"{CONFIG_NAME} holds a {type(peft_config).__name__}, not a JSON object")
+
+    def refuse(field, what):
+        raise LoRAError(f"{CONFIG_NAME}: {field} {peft_config[field]!r}: {what}")
+
+    if type(peft_config.get("r", 1)) is not int or peft_config.get("r", 1) < 1:
+        refuse("r", "the rank must be a whole number >= 1")
+    alpha = peft_config.get("lora_alpha", 1)
+    if not is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        refuse("lora_alpha", "must be a finite number above 0")
+    dropout = peft_config.get("lora_dropout", 0.0)
+    if not is_number(dropout) or not 0 <= dropout < 1:
+        refuse("lora_dropout", "must be a number in [0, 1)")
+    for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if not isinstance(peft_config.get(flag, False), bool):
+            refuse(flag, "must be true or false")
+    if not isinstance(peft_config.get("base_model_name_or_path") or "", str):
+        refuse("base_model_name_or_path", "must name the base model (a string)")
+    targets = peft_config.get("target_modules") or []
+    if isinstance(targets, str):
+        _check_regex(targets, "target_modules")
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        refuse("target_modules", "must be a list of module names, or one regular expression")
+    for patterns, valid, what in (("rank_pattern", lambda v: type(v) is int and v >= 1, "whole numbers >= 1"),
+                                  ("alpha_pattern", lambda v: is_number(v) and math.isfinite(v) and v > 0,
+                                   "finite numbers above 0")):
+        pattern_dict = peft_config.get(patterns) or {}
+        if not isinstance(pattern_dict, dict):
+            refuse(patterns, "must be an object {module name pattern: value}")
+        for key, value in pattern_dict.items():
+            _check_regex(key, f"{patterns} key")
+            if not valid(value):
+                raise LoRAError(f"{CONFIG_NAME}: {patterns} {key!r}: {value!r}: its values must be {what}")
+    _check_supported(peft_config)
+
+
+def _check_regex(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LoRAError(f"{CONFIG_NAME}: {field} {pattern!r} is not a regular expression ({e})") from None
 
 
 def _check_supported(peft_config: dict) -> None:
     if peft_config.get("peft_type") != "LORA":
-        raise LoRAError(f"peft_type {peft_config.get('peft_type')!r}: only LoRA adapters (peft_type LORA) load here")
+        raise LoRAError(f"{CONFIG_NAME}: peft_type {peft_config.get('peft_type')!r}: only LoRA adapters "
+                        f"(peft_type LORA) load here")
     for field, what in UNSUPPORTED.items():
         if peft_config.get(field) not in OFF:
-            raise LoRAError(f"{field} {peft_config[field]!r}: {what} is not supported here; export the adapter "
-                            f"from PEFT without it")
+            raise LoRAError(f"{CONFIG_NAME}: {field} {peft_config[field]!r}: {what} is not supported here; export "
+                            f"the adapter from PEFT without it")
     if peft_config.get("bias", "none") != "none":
-        raise LoRAError(f"bias {peft_config['bias']!r}: trained biases are not supported here (bias 'none' only)")
+        raise LoRAError(f"{CONFIG_NAME}: bias {peft_config['bias']!r}: trained biases are not supported here "
+                        f"(bias 'none' only)")
     init = str(peft_config.get("init_lora_weights", True)).lower()
     if init.startswith(BASE_CHANGING_INITS):
-        raise LoRAError(f"init_lora_weights {peft_config['init_lora_weights']!r}: this adapter needs the base "
-                        f"weights its initialisation changed; convert it to a plain LoRA with PEFT's "
+        raise LoRAError(f"{CONFIG_NAME}: init_lora_weights {peft_config['init_lora_weights']!r}: this adapter needs "
+                        f"the base weights its initialisation changed; convert it to a plain LoRA with PEFT's "
                         f"save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     targets = peft_config.get("target_modules") or []
     for target in [targets] if isinstance(targets, str) else targets:
         if target.split(".")[-1] in ("wte", "wpe", "lm_head"):
-            raise LoRAError(f"target_modules {target!r}: adapters of the embeddings or lm_head are not supported "
-                            f"here, only of c_attn, c_proj and c_fc")
+            raise LoRAError(f"{CONFIG_NAME}: target_modules {target!r}: adapters of the embeddings or lm_head are "
+                            f"not supported here, only of c_attn, c_proj and c_fc")
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -189,13 +249,13 @@ def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
         match = KEY.fullmatch(key)
         if match is None:
             what = "an embedding adapter" if "lora_embedding" in key else "not a LoRA matrix of a linear layer"
-            raise LoRAError(f"adapter_model.safetensors holds {key}: {what}, which is not supported here")
+            raise LoRAError(f"{WEIGHTS_NAME} holds {key}: {what}, which is not supported here")
         found.setdefault(match["module"], {})[match["matrix"]] = t
     if not found:
-        raise LoRAError("adapter_model.safetensors holds no LoRA matrices")
+        raise LoRAError(f"{WEIGHTS_NAME} holds no LoRA matrices")
     for name, ab in found.items():
         if set(ab) != {"A", "B"}:
-            raise LoRAError(f"adapter_model.safetensors has lora_{''.join(ab)} but not both lora_A and lora_B "
+            raise LoRAError(f"{WEIGHTS_NAME} has lora_{''.join(ab)} but not both lora_A and lora_B "
                             f"for {name}")
     return {name: (ab["A"], ab["B"]) for name, ab in found.items()}
 

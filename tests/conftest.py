@@ -32,7 +32,16 @@ def _dev_file() -> Path:
 DEV_FILE = _dev_file()
 
 TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64)  # = the gpt2-tiny preset
+SEED_LORA = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))  # the seed's LoRA, dropout off
+IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))  # a batch of token ids
 GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768)
+
+
+def tiny_model(seed: int = 0):
+    """A gpt2-tiny GPT with random weights drawn from `seed`, in eval mode."""
+    from gpt2 import GPT, preset
+    torch.manual_seed(seed)
+    return GPT(preset("gpt2-tiny")).eval()
 
 
 def random_hf_gpt2(n_layer: int, n_head: int, n_embd: int, seed: int = 0):
