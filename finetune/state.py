@@ -29,7 +29,7 @@ from .adapters import ADAPTER_DIR, CHECKPOINT, PEFT_FILES
 from .quality import BEST
 
 # What a run directory may hold: train.py's files, evaluate.py's metrics (with their predictions and no-answer
-# probabilities), the pictures of plot.py and lora.inspect, and the folders adapter/ (PEFT's format) and best/.
+# probabilities), the pictures of plot.py and lora.anatomy, and the folders adapter/ (PEFT's format) and best/.
 RUN_FILES = ("config.json", "log.jsonl", CHECKPOINT, "metrics*.json", "*.png")
 TRAINING_STATE = ("args", "step", "optimizer", "scaler", "rng")
 

@@ -247,7 +247,7 @@ def test_adapter_from_a_larger_base_is_refused_whole(hf_base, exported):
 # --- lora/ stands alone -----------------------------------------------------------------------------------------
 
 def test_lora_imports_only_torch_and_the_standard_library():
-    """...and matplotlib, the optional extra, which lora/inspect.py imports only to draw its heatmap."""
+    """...and matplotlib, the optional extra, which lora/anatomy.py imports only to draw its heatmap."""
     for file in sorted((ROOT / "lora").glob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
@@ -258,8 +258,14 @@ def test_lora_imports_only_torch_and_the_standard_library():
                 continue  # relative imports: lora itself
             for module in modules:
                 top = module.split(".")[0]
-                optional = file.name == "inspect.py" and top == "matplotlib"
+                optional = file.name == "anatomy.py" and top == "matplotlib"
                 assert top == "torch" or top in sys.stdlib_module_names or optional, f"{file.name} imports {module}"
+
+
+def test_no_lora_module_shadows_the_standard_library():
+    """A module named like a standard one (lora/inspect.py once) breaks `python lora/that.py`: torch imports the
+    standard module and gets ours."""
+    assert not [f.stem for f in (ROOT / "lora").glob("*.py") if f.stem in sys.stdlib_module_names]
 
 
 def test_lora_errors_print_one_line_beside_gpt2s(tmp_path):

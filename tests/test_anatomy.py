@@ -1,4 +1,4 @@
-"""lora.inspect: the numbers it reports are the ones their definitions give, and the CLI works on real checkpoints."""
+"""lora.anatomy: the numbers it reports are the ones their definitions give, and the CLI works on real checkpoints."""
 import math
 import sys
 
@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, from_pretrained, preset
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
-from lora.inspect import analyse, effective_rank, main, subspace_similarity
+from lora.anatomy import analyse, effective_rank, main, subspace_similarity
 
 SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
 
@@ -83,7 +83,7 @@ def test_cli_reports_ratios_against_the_base_compares_two_runs_and_writes_a_png(
     line = next(line for line in out.splitlines() if line.startswith(name))
     assert float(line.split()[2]) == pytest.approx(expected, rel=1e-3)
     assert "φ(4, 8)" in out and "changed most" in out
-    assert (run / "inspect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "anatomy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_on_a_dora_adapter_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
@@ -91,7 +91,7 @@ def test_cli_on_a_dora_adapter_without_matplotlib_says_how_to_get_it(tmp_path, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     main([str(path), str(path)])
     out = capsys.readouterr().out
-    assert "DoRA" in out and "pip install matplotlib" in out and not (tmp_path / "inspect.png").exists()
+    assert "DoRA" in out and "pip install matplotlib" in out and not (tmp_path / "anatomy.png").exists()
     phi_rows = [line.split() for line in out.splitlines()
                 if line.startswith("transformer.h.") and len(line.split()) == 3]
     assert len(phi_rows) == 8 and all(float(v) == pytest.approx(1.0) for row in phi_rows for v in row[1:])

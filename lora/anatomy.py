@@ -1,8 +1,8 @@
 """A look inside trained adapters: how much each weight changed, in how many directions, and how two compare.
 
-    python -m lora.inspect runs/gpt2-lora                    # one adapter: a train.py --out directory or its .pt
-    python -m lora.inspect runs/r4 runs/r8                   # two adapters: also their subspace similarity
-    python -m lora.inspect runs/r4 --base model.safetensors  # the base weights give ||ΔW|| / ||W|| too
+    python -m lora.anatomy runs/gpt2-lora                    # one adapter: a train.py --out directory or its .pt
+    python -m lora.anatomy runs/r4 runs/r8                   # two adapters: also their subspace similarity
+    python -m lora.anatomy runs/r4 --base model.safetensors  # the base weights give ||ΔW|| / ||W|| too
 
 For every adapted module, ΔW is the change the adapter makes to the weight: s B A (for DoRA, W' - W, which needs
 the base; without it the table shows DoRA's directional part s B A). The table gives
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_adapter
+from .checkpoint import load_adapter, recorded_config
 from .dora import DoRALinear
 from .layer import LoRALinear
 
@@ -46,18 +46,18 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def adapted_layers(checkpoint: dict) -> dict[str, LoRALinear]:
     """Rebuild each adapted module of a checkpoint as a layer holding its A, B (and m), weight left empty."""
-    config, adapter = checkpoint["lora_config"], checkpoint["adapter"]
+    config, adapter = recorded_config(checkpoint), checkpoint["adapter"]
     layers = {}
     for key, A in adapter.items():
         if not key.endswith(".lora_A"):
             continue
         name = key.removesuffix(".lora_A")
         B = adapter[f"{name}.lora_B"]
-        parts = tuple(p in config["qkv"] for p in "qkv") if config.get("qkv") and name.endswith("c_attn") else None
+        parts = config.parts(name)
         out_features = B.shape[0] if parts is None else B.shape[0] // sum(parts) * len(parts)
-        layer_class = DoRALinear if config.get("dora") else LoRALinear
-        layer = layer_class(A.shape[1], out_features, config["rank"], config["alpha"], bias=False,
-                            rank_stabilized=config["rank_stabilized"], parts=parts)
+        layer_class = DoRALinear if config.dora else LoRALinear
+        layer = layer_class(A.shape[1], out_features, config.rank, config.alpha, bias=False,
+                            rank_stabilized=config.rank_stabilized, parts=parts)
         layer.load_state_dict({k.removeprefix(f"{name}."): v for k, v in adapter.items() if k.startswith(f"{name}.")},
                               strict=False)
         layers[name] = layer
@@ -237,11 +237,11 @@ def checkpoint_path(run: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lora.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora.anatomy", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a train.py --out directory or its checkpoint.pt "
                         "(two: also compare them)")
     parser.add_argument("--base", help="the base model's safetensors file, for ||ΔW|| / ||W||")
-    parser.add_argument("--png", help="where to write the heatmap (default: inspect.png beside the first RUN's "
+    parser.add_argument("--png", help="where to write the heatmap (default: anatomy.png beside the first RUN's "
                         "checkpoint)")
     args = parser.parse_args(argv)
     if len(args.runs) > 2:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         analysed.append((run, rows))
     if len(checkpoints) == 2:
         print(similarity_report(*checkpoints) + "\n")
-    print(write_heatmap(analysed, Path(args.png) if args.png else paths[0].parent / "inspect.png"))
+    print(write_heatmap(analysed, Path(args.png) if args.png else paths[0].parent / "anatomy.png"))
 
 
 if __name__ == "__main__":
