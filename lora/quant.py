@@ -2,56 +2,18 @@
 
 LoRA never writes the base weight W (out, in); it only reads it. So W can be stored in fewer bits and turned back
 into a dense matrix ("dequantized") in the compute dtype right before each matmul. Activations, A and B keep
-their precision; only the storage of W shrinks. Two formats:
+their precision; only the storage of W shrinks. Two formats, each explained on the function that computes it:
 
-int8: row-wise absmax (one scale per output channel)
-    s_i  = max_j |W_ij| / 127                       (out,) fp32
-    Q_ij = round(W_ij / s_i)  in [-127, 127]          (out, in) int8
-    Ŵ_ij = s_i * Q_ij,      |Ŵ_ij - W_ij| <= s_i / 2   (half a step; the row's largest weight is exact)
-  1 byte a weight plus 4 bytes a row: half of bf16.
-
-  The seed loaded GPT-2 through bitsandbytes' LLM.int8() (Dettmers et al., 2022). That method stores W exactly
-  like this, but it also quantizes the activations X row-wise (one scale per token) and multiplies in int8. Its
-  key idea is the outlier decomposition: in large models a few hidden features (columns of X) reach values 20x
-  the rest, and an int8 scale stretched over them would flatten every other feature of that token. So the input
-  columns O where any |X_tj| >= 6 are taken out and multiplied in 16 bits:
-      Y = X[:, O] @ W[:, O].T  (fp16)   +   s_x s_w * (Q_x @ Q_w.T)  over the other columns  (int8, int32 sums)
-  We quantize the weight only: X stays in the compute dtype and Ŵ feeds an ordinary half-precision matmul. This is
-  the storage half of LLM.int8() with the same weight error, and without activation error there are no outliers
-  to rescue, so we leave the decomposition out.
-
-nf4: blockwise 4-bit NormalFloat with double quantization (QLoRA, Dettmers et al., 2023)
-  W is flattened (row-major) and cut into blocks of 64 consecutive weights (zero-padded at the end if needed).
-    c_b  = max |W| over block b                        one absmax per 64 weights
-    k    = index of the level q_k nearest to W / c_b   4 bits; two codes per byte, the first in the high nibble
-    Ŵ    = q_k * ĉ_b                                   ĉ_b: c_b after double quantization (below)
-  The 16 levels q_0..q_15 (NF4_LEVELS) are quantiles of the standard normal, so that normally distributed weights
-  fall into every level equally often, normalised to [-1, 1] and with an exact 0: 8 positive levels at the
-  quantiles linspace(δ, 1/2, 9)[:-1], 7 negative ones at the negated quantiles linspace(δ, 1/2, 8)[:-1], plus 0,
-  then divided by the largest; δ = 0.9677083 = ((1 - 1/30) + (1 - 1/32)) / 2 (bitsandbytes' create_normal_map).
-  Rounding to the nearest level errs by at most half the largest gap between adjacent levels (that gap is
-  0.3038, between -1 and -0.6962) times c_b.
-
-  Double quantization. fp32 absmaxes would cost 32/64 = 0.5 bits a weight. QLoRA stores them in 8 bits, in blocks
-  of 256. Absmaxes are all positive, so they are centred first. Exactly what we do, per weight matrix:
-    μ    = mean of all c_b (summed in float64, so the result does not depend on the summation order)   1 fp32
-    t_g  = max |c_b - μ| over group g of 256 absmaxes, / 127                                          fp32 each
-    j_b  = round((c_b - μ) / t_g)  in [-127, 127]                                                     int8 each
-    ĉ_b  = μ + t_g * j_b,      |ĉ_b - c_b| <= t_g / 2
-  The paper uses an 8-bit float format here (bitsandbytes' dynamic map); we use linear int8, the same size and the
-  same rule as the int8 format above. The codes k are chosen with the exact c_b (as bitsandbytes does), so
-      |Ŵ - W| <= 0.3038 / 2 * c_b + t_g / 2.
-  Cost: 4 + 8/64 + 32/(64 * 256) = 4.127 bits a weight, 0.258 of bf16 (0.281 without double quantization).
+int8 (quantize_int8): row-wise absmax, one fp32 scale per output row: 1 byte a weight, half of bf16; the storage
+  half of LLM.int8(), the seed's 8-bit loading.
+nf4 (quantize_nf4, quantize_absmax): QLoRA's blockwise 4-bit NormalFloat with double quantization: 4.127 bits a
+  weight, 0.258 of bf16.
 
 What stays in half precision. The biases, the LayerNorms and the embeddings. GPT-2's output head is the token
 embedding wte itself (tied): one (50257, C) matrix serves the embedding lookup and the logits, and the logits feed
 the loss directly. QLoRA keeps the head in 16 bits too; quantizing a tied matrix would mean changing both paths
-(gpt2/loss.py's fused head), and a separate quantized head would add a copy. The cost, in base-weight bytes:
-    gpt2    (C=768, 12 layers):  projections 84.9M weights: 169.9 MB bf16 -> 85.3 MB int8 -> 43.8 MB nf4;
-            wte 38.6M: 77.2 MB, so after nf4 the embeddings (wte + wpe) are 64% of the base's 123 MB (0.49x of bf16).
-    gpt2-xl (C=1600, 48 layers): projections 1.47B: 2.95 GB -> 1.48 GB -> 0.76 GB; wte 80.4M: 161 MB,
-            so the whole base falls from 3.12 GB to 0.93 GB (0.30x).
-tests/test_quant.py counts these bytes from the tensors (weight_bytes).
+(gpt2/loss.py's fused head), and a separate quantized head would add a copy. What that costs in bytes, for gpt2 and
+gpt2-xl, is in the README ("LoRA variants and a quantized base"), counted from the tensors by tests/test_quant.py.
 
 Frozen layers. QuantizedLinear (a projection without adapter) and QuantizedLoRALinear (LoRALinear over a quantized
 W, overriding only its `frozen` path: A and B stay fp32 and train exactly as before) both compute x @ Ŵ.T + b
@@ -91,7 +53,7 @@ MODES = ("none", "int8", "nf4")
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four matrices of every GPT-2 block
 NF4_BLOCK = 64  # weights per absmax
 ABSMAX_BLOCK = 256  # absmaxes per fp32 scale in double quantization
-# QLoRA's NF4 data type, exactly as bitsandbytes stores it (see the module docstring for how it is built).
+# QLoRA's NF4 data type, exactly as bitsandbytes stores it (quantize_nf4 says how it is built).
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -102,7 +64,23 @@ TINY = torch.finfo(torch.float32).tiny  # an all-zero row or block gets this sca
 # --- int8 ------------------------------------------------------------------------------------------------------
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise absmax: codes (out, in) int8 and the scale of each row (out,) fp32."""
+    """Row-wise absmax (one scale per output channel): codes (out, in) int8 and the scale of each row (out,) fp32.
+
+      s_i  = max_j |W_ij| / 127                       (out,) fp32
+      Q_ij = round(W_ij / s_i)  in [-127, 127]          (out, in) int8
+      Ŵ_ij = s_i * Q_ij,      |Ŵ_ij - W_ij| <= s_i / 2   (half a step; the row's largest weight is exact)
+    1 byte a weight plus 4 bytes a row: half of bf16.
+
+    The seed loaded GPT-2 through bitsandbytes' LLM.int8() (Dettmers et al., 2022). That method stores W exactly
+    like this, but it also quantizes the activations X row-wise (one scale per token) and multiplies in int8. Its
+    key idea is the outlier decomposition: in large models a few hidden features (columns of X) reach values 20x
+    the rest, and an int8 scale stretched over them would flatten every other feature of that token. So the input
+    columns O where any |X_tj| >= 6 are taken out and multiplied in 16 bits:
+        Y = X[:, O] @ W[:, O].T  (fp16)   +   s_x s_w * (Q_x @ Q_w.T)  over the other columns  (int8, int32 sums)
+    We quantize the weight only: X stays in the compute dtype and Ŵ feeds an ordinary half-precision matmul. This is
+    the storage half of LLM.int8() with the same weight error, and without activation error there are no outliers
+    to rescue, so we leave the decomposition out.
+    """
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=TINY) / 127  # (out,)
     codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
@@ -126,7 +104,19 @@ def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: (n_blocks,) positive fp32 absmaxes -> int8 codes (padded to groups of 256), the step
-    of each group (n_groups,) fp32, and their mean (1,) fp32."""
+    of each group (n_groups,) fp32, and their mean (1,) fp32.
+
+    fp32 absmaxes would cost 32/64 = 0.5 bits a weight. QLoRA stores them in 8 bits, in blocks
+    of 256. Absmaxes are all positive, so they are centred first. Exactly what we do, per weight matrix:
+      μ    = mean of all c_b (summed in float64, so the result does not depend on the summation order)   1 fp32
+      t_g  = max |c_b - μ| over group g of 256 absmaxes, / 127                                          fp32 each
+      j_b  = round((c_b - μ) / t_g)  in [-127, 127]                                                     int8 each
+      ĉ_b  = μ + t_g * j_b,      |ĉ_b - c_b| <= t_g / 2
+    The paper uses an 8-bit float format here (bitsandbytes' dynamic map); we use linear int8, the same size and the
+    same rule as the int8 format above. The codes k are chosen with the exact c_b (as bitsandbytes does), so
+        |Ŵ - W| <= 0.3038 / 2 * c_b + t_g / 2.
+    Cost: 4 + 8/64 + 32/(64 * 256) = 4.127 bits a weight, 0.258 of bf16 (0.281 without double quantization).
+    """
     mean = absmax.double().mean().float().reshape(1)
     centred = F.pad(absmax - mean, (0, -absmax.numel() % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)  # (n_groups, 256)
     step = centred.abs().amax(dim=1).clamp(min=TINY) / 127  # (n_groups,)
@@ -139,7 +129,20 @@ def dequantize_absmax(codes: torch.Tensor, step: torch.Tensor, mean: torch.Tenso
 
 
 def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Blockwise NF4: packed codes (n_blocks * 32,) uint8, then quantize_absmax's three tensors."""
+    """Blockwise 4-bit NormalFloat (QLoRA, Dettmers et al., 2023): packed codes (n_blocks * 32,) uint8, then
+    quantize_absmax's three tensors (the absmaxes, double-quantized).
+
+    W is flattened (row-major) and cut into blocks of 64 consecutive weights (zero-padded at the end if needed).
+      c_b  = max |W| over block b                        one absmax per 64 weights
+      k    = index of the level q_k nearest to W / c_b   4 bits; two codes per byte, the first in the high nibble
+      Ŵ    = q_k * ĉ_b                                   ĉ_b: c_b after double quantization (quantize_absmax)
+    The 16 levels q_0..q_15 (NF4_LEVELS) are quantiles of the standard normal, so that normally distributed weights
+    fall into every level equally often, normalised to [-1, 1] and with an exact 0: 8 positive levels at the
+    quantiles linspace(δ, 1/2, 9)[:-1], 7 negative ones at the negated quantiles linspace(δ, 1/2, 8)[:-1], plus 0,
+    then divided by the largest; δ = 0.9677083 = ((1 - 1/30) + (1 - 1/32)) / 2 (bitsandbytes' create_normal_map).
+    Rounding to the nearest level errs by at most half the largest gap between adjacent levels (that gap is
+    0.3038, between -1 and -0.6962) times c_b.
+    """
     flat = weight.detach().float().flatten()
     blocks = F.pad(flat, (0, -flat.numel() % NF4_BLOCK)).view(-1, NF4_BLOCK)  # (n_blocks, 64)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)

@@ -1,12 +1,13 @@
 """LoRA: exact at init, only A and B train, merging is free and exact, PEFT gives the same numbers."""
 import copy
 import random
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
+from conftest import ROOT, TINY_SHAPE, random_hf_gpt2, save_hub_layout
 from gpt2 import GPT, from_pretrained, preset
 from lora import (LoRAConfig, LoRAError, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers,
                   lora_state_dict, merge_lora, parameter_report, save_adapter, unmerge_lora)
@@ -242,3 +243,12 @@ def test_base_fingerprint_samples_every_tensor_to_its_last_value():
     with torch.no_grad():
         wte.weight[-1, -1] += 1.0
     assert base_fingerprint(wte) != before
+
+
+def test_the_readmes_lora_snippet_runs(capsys):
+    """The README's "How LoRA works here" code, exactly as written there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## How LoRA works here"):readme.index("## Layout")]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert "trainable params: " in capsys.readouterr().out
