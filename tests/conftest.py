@@ -44,6 +44,16 @@ def tiny_model(seed: int = 0):
     return GPT(preset("gpt2-tiny")).eval()
 
 
+def tiny_base(model) -> dict:
+    """A checkpoint's `base` for a tiny_model(0): how to rebuild it."""
+    return {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 def random_hf_gpt2(n_layer: int, n_head: int, n_embd: int, seed: int = 0):
     """A transformers GPT2LMHeadModel with random weights, spread wide enough that greedy choices are clear."""
     from transformers import GPT2Config, GPT2LMHeadModel

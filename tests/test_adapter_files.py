@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEV_FILE, ROOT, SEED_LORA, tiny_model
+from conftest import DEV_FILE, ROOT, SEED_LORA, tiny_base, tiny_model
 from finetune.adapters import read_peft_adapter, save_peft_adapter
 from gpt2.safetensors import save_safetensors
 from lora import (ADAPTER_LIMIT, LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, load_adapter,
@@ -28,7 +28,7 @@ def unchanged(model, before: dict) -> bool:
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory):
     model = tiny_model()
-    base = {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config), "quantize": "none"}
+    base = {**tiny_base(model), "quantize": "none"}
     apply_lora(model, LoRAConfig(**SEED_LORA))
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
     save_adapter(path, model, LoRAConfig(**SEED_LORA), base, step=1)

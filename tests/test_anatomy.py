@@ -5,18 +5,16 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
+from conftest import SEED_LORA, TINY_SHAPE, random_hf_gpt2, save_hub_layout, tiny_base
 from gpt2 import GPT, from_pretrained, preset
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from lora.anatomy import analyse, effective_rank, main, subspace_similarity
-
-SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
 
 
 def trained_like(rank: int = 4, seed: int = 1, **options):
     """A tiny model whose adapters have random A and B, as a trained adapter would."""
     torch.manual_seed(0)
-    model = apply_lora(GPT(preset("gpt2-tiny")), LoRAConfig(**{**SEED, "rank": rank, **options}))
+    model = apply_lora(GPT(preset("gpt2-tiny")), LoRAConfig(**{**SEED_LORA, "rank": rank, **options}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -26,8 +24,7 @@ def trained_like(rank: int = 4, seed: int = 1, **options):
 
 
 def save(model, path, **config):
-    save_adapter(path, model, LoRAConfig(**{**SEED, **config}),
-                 {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)})
+    save_adapter(path, model, LoRAConfig(**{**SEED_LORA, **config}), tiny_base(model))
     return path
 
 
@@ -40,7 +37,7 @@ def test_rank_two_update_has_rank_two():
     with torch.no_grad():
         layer.lora_B.copy_(torch.cat([U * torch.tensor([3.0, 1.0], dtype=torch.float64), torch.zeros_like(U)], 1))
         layer.lora_A.copy_(torch.cat([V.T, torch.randn(2, layer.in_features, dtype=torch.float64)]) / layer.scaling)
-    checkpoint = {"lora_config": {**SEED, "qkv": "", "rank_stabilized": False}, "adapter": {
+    checkpoint = {"lora_config": {**SEED_LORA, "qkv": "", "rank_stabilized": False}, "adapter": {
         k: v for k, v in model.state_dict().items() if "lora_" in k}}
     row = next(r for r in analyse(checkpoint) if r["module"] == "transformer.h.0.mlp.c_fc")
     sv = row["singular_values"]
@@ -68,7 +65,7 @@ def test_cli_reports_ratios_against_the_base_compares_two_runs_and_writes_a_png(
     model = from_pretrained(str(hub))
     base_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in ("c_attn", "c_proj", "c_fc")}
-    apply_lora(model, LoRAConfig(**SEED))
+    apply_lora(model, LoRAConfig(**SEED_LORA))
     with torch.no_grad():
         for layer in lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.05)
@@ -103,7 +100,7 @@ def test_dora_weight_change_with_a_base_is_the_merged_weight_minus_the_base(tmp_
     hub = save_hub_layout(hf, tmp_path / "hub")
     model = from_pretrained(str(hub))
     base = model.transformer.h[0].attn.c_proj.weight.detach().clone()
-    apply_lora(model, LoRAConfig(**SEED, dora=True))
+    apply_lora(model, LoRAConfig(**SEED_LORA, dora=True))
     layer = model.transformer.h[0].attn.c_proj
     with torch.no_grad():
         torch.nn.init.normal_(layer.lora_B, std=0.05)

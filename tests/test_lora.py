@@ -7,19 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY_SHAPE, random_hf_gpt2, save_hub_layout
+from conftest import IDX, ROOT, SEED_LORA, TINY_SHAPE, random_hf_gpt2, rel_err, save_hub_layout, tiny_base, tiny_model
 from gpt2 import GPT, from_pretrained, preset
 from lora import (LoRAConfig, LoRAError, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers,
                   lora_state_dict, merge_lora, parameter_report, save_adapter, unmerge_lora)
 
-SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))  # the seed notebook's (dropout off)
-SEED_CONFIG = LoRAConfig(**SEED)
-IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(preset("gpt2-tiny")).eval()
+SEED_CONFIG = LoRAConfig(**SEED_LORA)
 
 
 def randomize_adapters(model, seed: int = 1) -> None:
@@ -30,20 +23,16 @@ def randomize_adapters(model, seed: int = 1) -> None:
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def test_adapted_model_equals_base_model_at_init():
     base = tiny_model()
-    adapted = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED))
+    adapted = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED_LORA))
     with torch.no_grad():
         assert torch.equal(adapted(IDX), base(IDX))
     assert len(lora_layers(adapted)) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
 
 
 def test_training_changes_only_A_and_B_and_no_gradient_reaches_the_base():
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED)).train()
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA)).train()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -60,7 +49,7 @@ def test_training_changes_only_A_and_B_and_no_gradient_reaches_the_base():
 
 
 def test_merge_is_exact_idempotent_and_reversible():
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA))
     randomize_adapters(model)
     pretrained = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
@@ -94,7 +83,7 @@ def test_merge_in_bf16_stays_within_bf16_rounding_of_the_fp32_result():
 
 def test_seed_config_on_gpt2_124M_trains_589824_parameters():
     with torch.device("meta"):
-        model = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED))
+        model = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED_LORA))
     assert parameter_report(model) == \
         "trainable params: 589,824 || all params: 125,029,632 || trainable%: 0.4717"
 
@@ -102,7 +91,7 @@ def test_seed_config_on_gpt2_124M_trains_589824_parameters():
 def test_same_logits_and_gradients_as_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     hf = random_hf_gpt2(**TINY_SHAPE)
-    ours = apply_lora(from_pretrained(str(save_hub_layout(hf, tmp_path))), LoRAConfig(**SEED)).train()
+    ours = apply_lora(from_pretrained(str(save_hub_layout(hf, tmp_path))), LoRAConfig(**SEED_LORA)).train()
     randomize_adapters(ours)
     peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
                                          target_modules=["c_attn", "c_proj", "c_fc"])).train()
@@ -170,6 +159,8 @@ def test_qkv_option_adapts_only_the_chosen_parts_of_c_attn():
     (dict(dropout=1.0), r"dropout 1.0: .* in \[0, 1\)"),
     (dict(dropout=-0.1), "dropout -0.1"),
     (dict(dora="yes"), "dora 'yes': must be true or false"),
+    (dict(init="olora"), "unknown LoRA init 'olora': choose from default, pissa"),
+    (dict(init="pissa", qkv="qv"), "without --qkv"),
 ])
 def test_bad_lora_configs_are_clear_errors(options, message):
     """Every check of a LoRA setting is LoRAConfig's: refused on construction, before any model is touched."""
@@ -183,10 +174,9 @@ def test_apply_lora_refuses_a_model_without_the_targets():
 
 
 def test_adapter_round_trip_reproduces_logits(tmp_path):
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA))
     randomize_adapters(model)
-    base = {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)}
-    save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, base)
+    save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, tiny_base(model))
     restored = tiny_model()
     assert apply_adapter(restored, load_adapter(tmp_path / "adapter.pt")) == SEED_CONFIG
     with torch.no_grad():
@@ -197,14 +187,14 @@ def test_seed_adapter_file_is_a_few_megabytes(tmp_path):
     with torch.device("meta"):
         model = GPT(preset("gpt2"))
     model.to_empty(device="cpu")
-    apply_lora(model, LoRAConfig(**SEED))
+    apply_lora(model, LoRAConfig(**SEED_LORA))
     save_adapter(tmp_path / "adapter.pt", model, SEED_CONFIG, {"model": "gpt2", "config": vars(model.config)})
     size = (tmp_path / "adapter.pt").stat().st_size
     assert 589_824 * 4 < size < 3_000_000
 
 
 def test_adapter_refuses_another_base_or_another_rank(tmp_path):
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA))
     save_adapter(tmp_path / "a.pt", model, SEED_CONFIG, {"model": "gpt2-tiny", "config": vars(model.config)})
     checkpoint = load_adapter(tmp_path / "a.pt")
     bigger = GPT(preset("gpt2-tiny").__class__(n_layer=3, n_head=4, n_embd=64))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import IDX, SEED_LORA, rel_err, tiny_base
 from gpt2 import GPT, from_pretrained, generate, load_model, preset
 from lora import (LoRAConfig, LoRAError, LoRALinear, apply_adapter, apply_lora, load_adapter, lora_layers, merge_lora,
                   save_adapter, unmerge_lora)
@@ -13,8 +14,6 @@ from lora.quant import (ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, PROJECTIONS, Quanti
                         QuantizedWeight, pack_4bit, quantize_base, unpack_4bit, weight_bytes)
 
 MODES = ("int8", "nf4")
-SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))  # the seed notebook's (dropout off)
-IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
 # From the QLoRA paper's code (bitsandbytes, functional.py, the "nf4" table): the reference NF4_LEVELS must equal.
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -39,10 +38,6 @@ def randomize_adapters(model, seed: int = 1) -> None:
         for layer in lora_layers(model):
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.1)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def with_dequantized_weights(reference, quantized) -> None:
@@ -115,8 +110,8 @@ def quantized_pair(hub_dir, mode, lora=None):
 
 @pytest.mark.parametrize("mode, weight_tolerance", [("int8", 0.01), ("nf4", 0.1)])
 def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(tiny_hub_dir, mode, weight_tolerance):
-    model, reference = quantized_pair(tiny_hub_dir, mode, SEED)
-    original = apply_lora(from_pretrained(str(tiny_hub_dir)).eval(), LoRAConfig(**SEED))
+    model, reference = quantized_pair(tiny_hub_dir, mode, SEED_LORA)
+    original = apply_lora(from_pretrained(str(tiny_hub_dir)).eval(), LoRAConfig(**SEED_LORA))
     randomize_adapters(original)
     # Stated tolerances. Weights: relative (Frobenius) error under 1% for int8, 10% for nf4; for Gaussian weights
     # 8 bits give about absmax / 127 / sqrt(12) = 0.7%, 4 bits about 9%. Logits: under 3x the largest weight error
@@ -129,7 +124,7 @@ def test_quantized_gpt2_computes_with_the_dequantized_weights_and_stays_close(ti
         torch.testing.assert_close(logits, reference(IDX), atol=1e-5, rtol=1e-5)
         assert rel_err(logits, original(IDX)) < 3 * weight_error
         # In bf16 on the CPU: the scales stay fp32 through .to(bfloat16), and the logits follow within bf16 rounding.
-        half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
+        half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED_LORA))
         quantize_base(half, mode, torch.bfloat16)
         randomize_adapters(half)
         half.to(torch.bfloat16).eval()
@@ -206,11 +201,11 @@ def test_quantizing_the_same_base_twice_gives_identical_codes(mode):
 
 def test_checkpoint_round_trip_rebuilds_the_same_quantized_base(tmp_path):
     """What evaluate.py will do: load the base, apply the adapter (apply_lora wraps nn.Linear), then quantize."""
-    model = apply_lora(load_model("gpt2-tiny", "random", seed=0), LoRAConfig(**SEED))
+    model = apply_lora(load_model("gpt2-tiny", "random", seed=0), LoRAConfig(**SEED_LORA))
     quantize_base(model, "nf4", torch.float32)
     randomize_adapters(model)
-    save_adapter(tmp_path / "adapter.pt", model, LoRAConfig(**SEED),
-                 {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config), "quantize": "nf4"})
+    save_adapter(tmp_path / "adapter.pt", model, LoRAConfig(**SEED_LORA),
+                 {**tiny_base(model), "quantize": "nf4"})
     checkpoint = load_adapter(tmp_path / "adapter.pt")
     restored = load_model("gpt2-tiny", "random", seed=0)
     apply_adapter(restored, checkpoint)
@@ -221,7 +216,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_quantized_base(tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_merge_dequantizes_then_adds_the_update(tiny_hub_dir, mode):
-    model, reference = quantized_pair(tiny_hub_dir, mode, SEED)
+    model, reference = quantized_pair(tiny_hub_dir, mode, SEED_LORA)
     quantized = model.transformer.h[0].attn.c_attn
     dequantized = quantized.quantized_weight.dequantize(torch.float32)
     with pytest.raises(LoRAError, match="merge_lora"):
@@ -239,14 +234,14 @@ def test_merge_dequantizes_then_adds_the_update(tiny_hub_dir, mode):
         torch.testing.assert_close(layer.weight, dequantized, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(IDX), before, atol=1e-5, rtol=1e-5)
     # In half precision the merged layers hold Ŵ + ΔW in fp32 until the model is cast: rounded once.
-    half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
+    half = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED_LORA))
     quantize_base(half, mode, torch.bfloat16)
     merge_lora(half)
     assert not any(isinstance(m, QuantizedLoRALinear) for m in half.modules())
 
 
 def test_misuse_is_a_clear_error(tiny_hub_dir):
-    model = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED))
+    model = apply_lora(from_pretrained(str(tiny_hub_dir)), LoRAConfig(**SEED_LORA))
     assert quantize_base(model, "none", torch.float32) is model
     assert not any(isinstance(m, QuantizedWeight) for m in model.modules())
     with pytest.raises(ValueError, match="int8, nf4"):

@@ -5,28 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_SHAPE, random_hf_gpt2, save_hub_layout
+from conftest import IDX, SEED_LORA, TINY_SHAPE, random_hf_gpt2, rel_err, save_hub_layout, tiny_base, tiny_model
 from gpt2 import GPT, from_pretrained, preset
-from lora import LoRAError
 from lora import (DoRALinear, LoRAConfig, apply_adapter, apply_lora, load_adapter, load_lora_state_dict, lora_layers,
                   lora_state_dict, loraplus_param_groups, merge_lora, parameter_report, save_adapter, unmerge_lora)
 
-SEED = dict(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
-IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
 TARGETS = torch.roll(IDX, -1, dims=1)
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(preset("gpt2-tiny")).eval()
-
-
-def base_info(model) -> dict:
-    return {"model": "gpt2-tiny", "init": "random", "seed": 0, "config": vars(model.config)}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def randomize(model, seed: int = 1) -> None:
@@ -69,7 +53,7 @@ def peft_adapter_params(peft) -> dict:
 
 def test_dora_same_logits_and_gradients_as_peft(tmp_path):
     ours, peft = peft_gpt2(tmp_path, use_dora=True)
-    apply_lora(ours, LoRAConfig(**SEED, dora=True)).train()
+    apply_lora(ours, LoRAConfig(**SEED_LORA, dora=True)).train()
     peft.train()
     randomize(ours)
     theirs = peft_adapter_params(peft)
@@ -113,7 +97,7 @@ def test_dora_with_dropout_is_pefts_formula():
 
 def test_dora_starts_at_the_base_model_and_merges_exactly():
     base = tiny_model()
-    model = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED, dora=True))
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(**SEED_LORA, dora=True))
     with torch.no_grad():
         assert rel_err(model(IDX), base(IDX)) < 1e-6  # m = ||W||, B = 0: W' = W
     randomize(model)
@@ -135,7 +119,7 @@ def test_dora_trains_on_a_half_precision_base_like_lora():
     """train.py stores the frozen base in bf16 and runs under autocast: a DoRA layer must hand the next layer the
     dtype a LoRA layer does (bf16, not fp32, which LayerNorm's bf16 parameters would refuse) and stay within bf16
     rounding of the fp32 model, and m must get gradients."""
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED, dora=True)).train()
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA, dora=True)).train()
     randomize(model)
     with torch.no_grad():
         exact = model(IDX)
@@ -151,10 +135,10 @@ def test_dora_trains_on_a_half_precision_base_like_lora():
 
 
 def test_dora_checkpoint_carries_the_magnitudes(tmp_path):
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED, dora=True))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA, dora=True))
     randomize(model)
-    config = LoRAConfig(**SEED, dora=True)
-    save_adapter(tmp_path / "a.pt", model, config, base_info(model))
+    config = LoRAConfig(**SEED_LORA, dora=True)
+    save_adapter(tmp_path / "a.pt", model, config, tiny_base(model))
     checkpoint = load_adapter(tmp_path / "a.pt")
     assert sum("lora_magnitude_vector" in k for k in checkpoint["adapter"]) == 8
     restored = tiny_model()
@@ -171,7 +155,7 @@ def test_pissa_init_equals_pefts_and_the_model_starts_at_the_base(tmp_path):
     layout would fail this test. Singular vectors are defined up to sign: compare s B A, and the residual W."""
     ours, peft = peft_gpt2(tmp_path, init_lora_weights="pissa")
     base = copy.deepcopy(ours)
-    apply_lora(ours, LoRAConfig(**SEED, init="pissa"))
+    apply_lora(ours, LoRAConfig(**SEED_LORA, init="pissa"))
     with torch.no_grad():
         assert rel_err(ours(IDX), base(IDX)) < 1e-5
         for name, layer in ours.named_modules():
@@ -199,10 +183,10 @@ def train_a_few_steps(model, steps: int = 3) -> None:
 @pytest.mark.parametrize("variant", [dict(), dict(dora=True), dict(rank_stabilized=True),
                                      dict(dora=True, rank_stabilized=True)])
 def test_saved_pissa_adapter_applies_to_the_original_base(tmp_path, variant):
-    config = LoRAConfig(**SEED, init="pissa", **variant)
+    config = LoRAConfig(**SEED_LORA, init="pissa", **variant)
     model = apply_lora(tiny_model(), config)
     train_a_few_steps(model)
-    save_adapter(tmp_path / "a.pt", model, config, base_info(model))
+    save_adapter(tmp_path / "a.pt", model, config, tiny_base(model))
     checkpoint = load_adapter(tmp_path / "a.pt")
     assert checkpoint["lora_config"]["rank"] == 8 and checkpoint["lora_config"]["init"] == "default"
     restored = tiny_model()  # the original base, W and not W_res
@@ -217,15 +201,15 @@ def test_saved_pissa_adapter_applies_to_the_original_base(tmp_path, variant):
 def test_pissa_run_resumes_from_its_saved_adapter(tmp_path):
     """Resuming rebuilds the PiSSA model (a fresh SVD) and loads the file: A, B and W_res come back exactly. Where
     the rebuilt model's SVD differs from the file's (another machine), W_res moves to the file's."""
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA, init="pissa"))
     train_a_few_steps(model)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     saved = lora_state_dict(model)
-    resumed = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
+    resumed = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA, init="pissa"))
     load_lora_state_dict(resumed, saved)
     assert all(torch.equal(v, trained[k]) for k, v in resumed.state_dict().items())
 
-    elsewhere = apply_lora(tiny_model(), LoRAConfig(**SEED, init="pissa"))
+    elsewhere = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA, init="pissa"))
     with torch.no_grad():
         for layer in lora_layers(elsewhere):  # another, consistent split W = W_res' + s B0' A0'
             layer.weight.sub_(layer.scaling * layer.initial_B @ (0.1 * layer.initial_A))
@@ -239,7 +223,7 @@ def test_pissa_run_resumes_from_its_saved_adapter(tmp_path):
 def test_loraplus_groups_equal_pefts(tmp_path):
     from peft.optimizers import create_loraplus_optimizer
     ours, peft = peft_gpt2(tmp_path, use_dora=True)  # with DoRA, so that the 1-D magnitudes are grouped too
-    apply_lora(ours, LoRAConfig(**SEED, dora=True))
+    apply_lora(ours, LoRAConfig(**SEED_LORA, dora=True))
     ours_groups = loraplus_param_groups(ours, lr=1e-4, ratio=16, weight_decay=0.01)
     theirs = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16,
                                        loraplus_weight_decay=0.01)
@@ -259,41 +243,37 @@ def test_loraplus_groups_equal_pefts(tmp_path):
 
 # The configuration
 
-def test_trainable_parameters_of_each_variant_on_gpt2_124M():
-    """The README's table, with PEFT's counts (get_nb_trainable_parameters) as the oracle: LoRA, rsLoRA, LoRA+ and
-    PiSSA train A and B; DoRA adds one magnitude per output row. Both models live on the meta device."""
+@pytest.mark.parametrize("ours, theirs, extra", [
+    (dict(), dict(), 0),
+    (dict(rank_stabilized=True), dict(use_rslora=True), 0),
+    (dict(dora=True), dict(use_dora=True), "one m per output row"),
+], ids=["LoRA", "rsLoRA", "DoRA"])
+def test_trainable_parameters_of_each_variant_on_gpt2_124M(ours, theirs, extra):
+    """The README's table, with PEFT's counts (get_nb_trainable_parameters) as the oracle: LoRA and rsLoRA train A
+    and B (so do PiSSA and LoRA+, which change only where A, B start and their learning rates); DoRA adds one
+    magnitude per output row. Both models live on the meta device."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
-    for options in (dict(), dict(dora=True)):
-        with torch.device("meta"):
-            ours = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED, **options))
-            hf = GPT2LMHeadModel(GPT2Config())
-        peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=bool(options),
-                                             target_modules=["c_attn", "c_proj", "c_fc"]))
-        trainable, total = peft.get_nb_trainable_parameters()
-        assert parameter_report(ours) == (f"trainable params: {trainable:,} || all params: {total:,} || "
-                                          f"trainable%: {100 * trainable / total:.4f}")
-        out_features = sum(layer.out_features for layer in lora_layers(ours))
-        assert trainable == 589_824 + (out_features if options else 0)
+    with torch.device("meta"):
+        model = apply_lora(GPT(preset("gpt2")), LoRAConfig(**SEED_LORA, **ours))
+        hf = GPT2LMHeadModel(GPT2Config())
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                         target_modules=["c_attn", "c_proj", "c_fc"], **theirs))
+    trainable, total = peft.get_nb_trainable_parameters()
+    assert parameter_report(model) == (f"trainable params: {trainable:,} || all params: {total:,} || "
+                                       f"trainable%: {100 * trainable / total:.4f}")
+    magnitudes = sum(layer.out_features for layer in lora_layers(model)) if extra else 0
+    assert trainable == 589_824 + magnitudes
 
 
 def test_checkpoint_saved_before_the_variants_existed_still_loads(tmp_path):
-    model = apply_lora(tiny_model(), LoRAConfig(**SEED))
+    model = apply_lora(tiny_model(), LoRAConfig(**SEED_LORA))
     randomize(model)
-    save_adapter(tmp_path / "a.pt", model, LoRAConfig(**SEED), base_info(model))
+    save_adapter(tmp_path / "a.pt", model, LoRAConfig(**SEED_LORA), tiny_base(model))
     checkpoint = load_adapter(tmp_path / "a.pt")
     for field in ("dora", "init"):
         del checkpoint["lora_config"][field]
     restored = tiny_model()
-    assert apply_adapter(restored, checkpoint) == LoRAConfig(**SEED)
+    assert apply_adapter(restored, checkpoint) == LoRAConfig(**SEED_LORA)
     with torch.no_grad():
         assert torch.equal(restored(IDX), model(IDX))
-
-
-@pytest.mark.parametrize("options, message", [
-    (dict(init="olora"), "unknown LoRA init 'olora': choose from default, pissa"),
-    (dict(init="pissa", qkv="qv"), "without --qkv"),
-])
-def test_bad_variant_settings_are_clear_errors(options, message):
-    with pytest.raises(LoRAError, match=message):
-        apply_lora(tiny_model(), LoRAConfig(**options))
