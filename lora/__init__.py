@@ -1,5 +1,6 @@
-"""LoRA from scratch: the adapted layer, putting it into a model, adapter checkpoints, PEFT's format, and the
-variants DoRA, PiSSA, rsLoRA and LoRA+."""
+"""LoRA from scratch: the adapted layer (layer.py, fused.py), its settings and putting it into a model (inject.py),
+adapter checkpoints (checkpoint.py), PEFT's format (peft_format.py), the checks every loaded adapter passes
+(sound.py), and the variants DoRA, PiSSA, rsLoRA, LoRA+ and a quantized base. Torch and the standard library only."""
 from .checkpoint import (apply_adapter, base_fingerprint, load_adapter, load_lora_state_dict, lora_state_dict,
                          recorded_config, save_adapter)
 from .dora import DoRALinear
