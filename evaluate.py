@@ -24,20 +24,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from data.breakdown import breakdown, breakdown_markdown, to_markdown
 from data.metrics import (best_thresholds, bleu1, correct_references, seed_references, seed_subset_indices,
                           squad_v2_scores)
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
-from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
-from gpt2 import PRESETS, UserError
+from finetune.run import Checkpoint, checkpoint_path, read_checkpoint
+from gpt2 import GPT, PRESETS, UserError
 from gpt2.files import atomic_write, check_writable_dir
 from gpt2.pretrained import HUB_MODELS
-from lora import load_adapter
 from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
@@ -173,15 +174,13 @@ def select(examples: list[SquadExample], args: argparse.Namespace) -> tuple[list
     return examples, seed_indices
 
 
-def use_the_runs_eval_data(args: argparse.Namespace) -> None:
+def use_the_runs_eval_data(args: argparse.Namespace, run: Checkpoint) -> None:
     """Without --eval-file or --data-dir, answer the questions a train.py run measured its eval loss on (recorded
     in its checkpoint), so that scoring an offline run needs no network and no repeated paths."""
-    path = Path(args.checkpoint)
-    run_checkpoint = path if path.is_file() else path / CHECKPOINT
-    if args.eval_file is not None or args.data_dir is not None or not run_checkpoint.is_file():
-        return  # told which questions, or a PEFT adapter, which records none
-    trained = load_adapter(run_checkpoint).get("args", {})
-    args.eval_file, args.data_dir = trained.get("eval_file"), trained.get("data_dir")
+    if args.eval_file is not None or args.data_dir is not None:
+        return
+    if run.settings is not None:
+        args.eval_file, args.data_dir = run.settings.eval_file, run.settings.data_dir
     recorded = args.eval_file or (args.data_dir and str(Path(args.data_dir) / FILE_NAMES["eval"]))
     if recorded and not Path(recorded).is_file():
         raise UserError(f"the run was evaluated on {recorded}, which is not there from this directory: "
@@ -229,51 +228,65 @@ def check_outputs(paths: list[Path], overwrite: bool) -> None:
                         f"replace, or --out to write elsewhere")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    dtype = resolve_precision(args.precision, device)
-    if args.checkpoint and args.context is None and args.predictions is None:
-        use_the_runs_eval_data(args)
-    if args.context is None:
-        out = metrics_path(args)
-        outputs = [out] if args.predictions else [out, beside(out, "predictions"), beside(out, "na_prob")]
-        replacing = out.exists()
-        check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
-    quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
+def checked_outputs(args: argparse.Namespace, answering: bool) -> tuple[Path, bool]:
+    """The metrics file, checked with the files that go beside it before any work; and whether it is there
+    already (to be replaced, with --overwrite)."""
+    out = metrics_path(args)
+    outputs = [out, beside(out, "predictions"), beside(out, "na_prob")] if answering else [out]
+    check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
+    return out, out.exists()
 
-    if args.context is not None:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
-        print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
-                     progress=False)[0])
-        return
 
+def ask(args: argparse.Namespace, model: GPT) -> None:
+    """--context and --question: print the model's answer."""
+    print(answer(model, [SquadExample("cli", args.context, args.question, [])], 1, args.max_new_tokens,
+                 progress=False)[0])
+
+
+def score_predictions(args: argparse.Namespace) -> None:
+    """--predictions: score a predictions file against the eval set."""
+    out, replacing = checked_outputs(args, answering=False)
     all_examples = load_split("eval", args.data_dir, args.eval_file)
     examples, seed_positions = select(all_examples, args)
-    na_probs = None
-    if args.predictions:
-        predictions = read_predictions(args.predictions, {ex.id for ex in all_examples}, examples)
-    else:
-        model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
-        start = time.perf_counter()
-        probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
-                                              add_eos=trained_with_eos(args.checkpoint))
-        na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
-        na_seconds, start = time.perf_counter() - start, time.perf_counter()
-        if args.na_threshold is None:
-            answers = answer(model, examples, args.batch_size, args.max_new_tokens)
-        else:
-            answers = answer_with_threshold(model, examples, probabilities, args.na_threshold, args.batch_size,
-                                            args.max_new_tokens)
-        seconds = time.perf_counter() - start
-        print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second); "
-              f"their no-answer probabilities took {na_seconds:.1f} s")
-        predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
-        show_examples(examples, answers, args.examples)
-        print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "
-              f"{answer(model, [SquadExample('winograd', *WINOGRAD, [])], 1, args.max_new_tokens, False)[0]!r} "
-              f"(the seed answered 'the brown suitcase.')\n")
+    predictions = read_predictions(args.predictions, {ex.id for ex in all_examples}, examples)
+    write_results(args, examples, predictions, seed_positions, None, out, replacing)
 
+
+def score_checkpoint(args: argparse.Namespace, run: Checkpoint | None, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """Answer the eval questions with the adapted model (or, with --model alone, the base model) and score it."""
+    if run is not None:
+        use_the_runs_eval_data(args, run)
+    out, replacing = checked_outputs(args, answering=True)
+    model = answerer(args, run, device, dtype)
+    examples, seed_positions = select(load_split("eval", args.data_dir, args.eval_file), args)
+    start = time.perf_counter()
+    trained_with_eos = run is None or run.settings is None or not run.settings.no_eos  # train.py's default: EOS
+    probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
+                                          add_eos=trained_with_eos)
+    na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
+    na_seconds, start = time.perf_counter() - start, time.perf_counter()
+    if args.na_threshold is None:
+        answers = answer(model, examples, args.batch_size, args.max_new_tokens)
+    else:
+        answers = answer_with_threshold(model, examples, probabilities, args.na_threshold, args.batch_size,
+                                        args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second); "
+          f"their no-answer probabilities took {na_seconds:.1f} s")
+    predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
+    show_examples(examples, answers, args.examples)
+    print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "
+          f"{answer(model, [SquadExample('winograd', *WINOGRAD, [])], 1, args.max_new_tokens, False)[0]!r} "
+          f"(the seed answered 'the brown suitcase.')\n")
+    write_results(args, examples, predictions, seed_positions, na_probs, out, replacing)
+
+
+def write_results(args: argparse.Namespace, examples: list[SquadExample], predictions: dict[str, str],
+                  seed_positions: list[int] | None, na_probs: dict[str, float] | None, out: Path,
+                  replacing: bool) -> None:
+    """Score, print the metrics and the breakdown, and write them (with the answers and their no-answer
+    probabilities, when the model answered here)."""
     metrics = score(examples, predictions, seed_positions, na_probs)
     if args.na_threshold is not None:
         metrics["na_threshold"] = args.na_threshold
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     written = [out]
     with atomic_write(out, "w") as f:
         json.dump(metrics, f, indent=2)
-    if not args.predictions:
+    if na_probs is not None:
         written += [beside(out, "predictions"), beside(out, "na_prob")]
         for path, content in zip(written[1:], (predictions, na_probs)):
             with atomic_write(path, "w") as f:
@@ -295,6 +308,25 @@ def main(argv: list[str] | None = None) -> None:
             f.write(to_markdown(metrics, tables, f"Evaluation of {args.checkpoint or args.predictions or args.model}"))
     print(f"\nwrote {', '.join(map(str, written))}" + (" (replacing those of the same questions)" if replacing else ""),
           file=sys.stderr)
+
+
+def answerer(args: argparse.Namespace, run: Checkpoint | None, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The model that answers: quantized as the run was trained (or as --quantize says), the adapter merged."""
+    quantize = args.quantize or (run.base.quantize if run else "none")
+    return load_answerer(run or args.checkpoint, args.model, device, dtype, quantize, args.strict)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    run = read_checkpoint(args.checkpoint) if args.checkpoint and checkpoint_path(args.checkpoint) else None
+    if args.context is not None:
+        ask(args, answerer(args, run, device, dtype))
+    elif args.predictions is not None:
+        score_predictions(args)
+    else:
+        score_checkpoint(args, run, device, dtype)
 
 
 if __name__ == "__main__":

@@ -17,149 +17,68 @@ settings. --out must be new, empty, or a run directory. Ctrl-C or SIGTERM saves 
 one quits at once.
 """
 import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
-import argparse
-import json
+import contextlib
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.batching import training_steps
-from data.prompts import LOSS_ON, training_sequences
-from data.squad import examples_fingerprint, load_split
-from finetune.adapters import ADAPTER_DIR, save_peft_adapter
-from finetune.cli import at_least, given_flags, non_negative, positive, probability, resolve_device
+from data.batching import Batch, training_steps
+from data.prompts import training_sequences
+from data.squad import SquadExample, examples_fingerprint, load_split
+from finetune.adapters import save_peft_adapter
+from finetune.cli import resolve_device
 from finetune.model import build_model
-from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
-from finetune.quality import BEST, answer_quality, best_f1, describe, fixed_subset, save_best
+from finetune.precision import grad_scaler, precision_name, resolve_precision
+from finetune.quality import answer_quality, describe, fixed_subset, save_best
 from finetune.report import run_summary, settings_table, warmup_warning
+from finetune.run import (Base, Checkpoint, Run, check_adapter_sound, read_checkpoint, rng_state,
+                          save_checkpoint)
+from finetune.settings import EVAL_ANSWERS_ON_GPU, Settings, parse
 from finetune.signals import EXIT_CODE, StopRequest
-from finetune.state import (ADAPTER_LIMIT, CHECKPOINT, check_adapter_sound, check_out_dir, check_same_content,
-                            check_training_state, forget_log_after, restore, resumed_args, rng_state)
 from finetune.step import eval_loss, learning_rate, make_optimizer, train_step
-from gpt2 import UserError
-from gpt2.files import atomic_write
-from lora import INITS, LoRAConfig, LoRAError, VALID_TARGETS, load_adapter, parameter_report, save_adapter
-from lora.quant import MODES
-
-EVAL_ANSWERS_ON_GPU = 200  # --eval-answers' default on a GPU: seconds per evaluation; on a CPU, 0
+from gpt2 import GPT, UserError
+from lora import ADAPTER_LIMIT, parameter_report
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The settings, and which of them were written on the command line (--resume keeps the run's for the rest)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a directory holding "
-                   "model.safetensors, or (with --init random) gpt2-tiny")
-    g.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
-                   help="random: the architecture with GPT-2's random initialisation (offline runs, benchmarks)")
-    g.add_argument("--base-dropout", type=probability, default=0.1,
-                   help="dropout inside the frozen model while training (transformers' GPT-2 default, as the seed)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start)")
-    g.add_argument("--quantize", choices=MODES, default="none",
-                   help="store the frozen block projections in int8 (row-wise absmax, like the seed's 8-bit GPT-2) "
-                   "or QLoRA's 4-bit NF4 (lora/quant.py); embeddings, the tied head and LayerNorms stay as they are")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on a CPU")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=at_least(1), default=4)
-    g.add_argument("--alpha", type=positive, default=8.0)
-    g.add_argument("--lora-dropout", type=probability, default=0.2)
-    g.add_argument("--targets", nargs="+", default=["c_attn", "c_proj", "c_fc"], metavar="NAME", choices=VALID_TARGETS,
-                   help=f"projections to adapt: {', '.join(VALID_TARGETS)}")
-    g.add_argument("--qkv", default="", help="adapt only these parts of c_attn, each with its own A and B (e.g. qv)")
-    g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(rank)")
-    g.add_argument("--dora", action="store_true",
-                   help="DoRA: also train each output row's magnitude (Liu et al., 2024; lora/dora.py)")
-    g.add_argument("--lora-init", choices=INITS, default="default",
-                   help="pissa: start A, B from W's top-r singular vectors, W -> the residual (Meng et al., 2024)")
-    g.add_argument("--loraplus-ratio", type=positive, metavar="λ",
-                   help="LoRA+: B's learning rate is λ times A's (Hayou et al., 2024; e.g. 16)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="directory holding train-v2.0.json and dev-v2.0.json (default: the Hub)")
-    g.add_argument("--train-file", help="official-format SQuAD 2.0 JSON to train on")
-    g.add_argument("--eval-file", help="official-format SQuAD 2.0 JSON for the eval loss")
-    g.add_argument("--max-len", type=at_least(1), default=1024, help="tokens per sequence; the context is shortened to fit")
-    g.add_argument("--loss-on", choices=LOSS_ON, default="all",
-                   help="all: every token, like the seed; answer: only the answer and EOS")
-    g.add_argument("--no-eos", action="store_true", help="no EOS after the answer (the seed's model never stops)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=positive, default=5e-5)
-    g.add_argument("--weight-decay", type=non_negative, default=0.0)
-    g.add_argument("--betas", type=probability, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--eps", type=positive, default=1e-8)
-    g.add_argument("--warmup-steps", type=at_least(0), default=100)
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=at_least(1), default=1200, help="optimizer steps (default 1200, the "
-                        "seed's)")
-    length.add_argument("--epochs", type=positive, help="train this many passes over the data instead")
-    g.add_argument("--micro-batch-size", type=at_least(1), default=5, help="sequences per forward pass (per GPU)")
-    g.add_argument("--grad-accum", type=at_least(1), default=10, help="micro-batches per optimizer step")
-    g.add_argument("--clip", type=positive, default=1.0, help="gradient norm clipping")
-    g.add_argument("--seed", type=at_least(0), default=42)
-    g = p.add_argument_group("evaluation, logging and checkpoints")
-    g.add_argument("--eval-every", type=at_least(1), default=200, help="steps between eval-loss measurements")
-    g.add_argument("--eval-examples", type=at_least(1), help="eval loss on this many eval questions (default: all)")
-    g.add_argument("--eval-answers", type=at_least(0), metavar="N", help="also answer this many eval questions (a "
-                   f"fixed random set) at each evaluation: EM, F1, abstentions, and best/ (default: "
-                   f"{EVAL_ANSWERS_ON_GPU} on a GPU, 0 on a CPU)")
-    g.add_argument("--eval-batch-size", type=at_least(1), default=32)
-    g.add_argument("--save-every", type=at_least(1), default=200, help="steps between checkpoints")
-    g.add_argument("--log-every", type=at_least(1), default=10, help="steps between log.jsonl lines")
-    g.add_argument("--out", default="runs/gpt2-lora", help="run directory: new, empty, or a run to --resume")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
-                   "settings; flags given replace them (--max-steps, --lr, ...) unless they would change the run")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    args = p.parse_args(argv)
-    if args.quantize != "none" and (args.dora or args.lora_init == "pissa"):
-        p.error("--quantize takes plain LoRA: DoRA's weight norm and PiSSA's residual need the dense weight")
-    if args.max_len > 1024:
-        p.error("--max-len cannot exceed GPT-2's 1024-token context")
-    try:
-        lora_config_from(args)  # LoRAConfig checks its settings (--qkv letters, PiSSA without --qkv, ...)
-    except LoRAError as e:
-        p.error(str(e))
-    if args.data_dir and args.train_file and args.eval_file:
-        p.error("--data-dir is unused when --train-file and --eval-file are both given: drop one")
-    return args, given_flags(p, argv, args)
+@dataclass(frozen=True)
+class Data:
+    train: list  # training sequences
+    skipped: int  # training examples too long to keep
+    eval: list  # eval-loss sequences: a fixed random subset with --eval-examples, the same at every evaluation
+    answered: list[SquadExample]  # the eval questions answered at each evaluation (--eval-answers)
+    fingerprint: str  # of the training data: --resume checks it is the same
 
 
-def lora_config_from(args: argparse.Namespace) -> LoRAConfig:
-    return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=tuple(args.targets),
-                      qkv=args.qkv, rank_stabilized=args.rslora, dora=args.dora, init=args.lora_init)
-
-
-def prepare_data(args: argparse.Namespace) -> tuple[list, int, list, list, str]:
-    """Training sequences, how many examples were too long to keep, the eval-loss sequences (a fixed random subset
-    with --eval-examples, the same at every evaluation), all the eval questions, and the training data's
-    fingerprint."""
-    train_examples = load_split("train", args.data_dir, args.train_file)
-    eval_examples = load_split("eval", args.data_dir, args.eval_file)
-    encode = dict(max_len=args.max_len, add_eos=not args.no_eos, loss_on=args.loss_on, seed=args.seed)
+def prepare_data(settings: Settings, device: torch.device) -> Data:
+    train_examples = load_split("train", settings.data_dir, settings.train_file)
+    eval_examples = load_split("eval", settings.data_dir, settings.eval_file)
+    encode = dict(max_len=settings.max_len, add_eos=not settings.no_eos, loss_on=settings.loss_on, seed=settings.seed)
     train_sequences, skipped = training_sequences(train_examples, **encode)
-    eval_sequences, _ = training_sequences(fixed_subset(eval_examples, args.eval_examples), **encode)
+    eval_sequences, _ = training_sequences(fixed_subset(eval_examples, settings.eval_examples), **encode)
     for name, sequences, examples in (("training", train_sequences, train_examples),
                                       ("eval", eval_sequences, eval_examples)):
         if not sequences:
-            raise UserError(f"none of the {len(examples)} {name} questions fits --max-len {args.max_len} tokens, even "
-                            f"with its context cut away: raise --max-len")
-    return train_sequences, skipped, eval_sequences, eval_examples, examples_fingerprint(train_examples)
+            raise UserError(f"none of the {len(examples)} {name} questions fits --max-len {settings.max_len} tokens, "
+                            f"even with its context cut away: raise --max-len")
+    answers = settings.eval_answers if settings.eval_answers is not None else \
+        EVAL_ANSWERS_ON_GPU if device.type == "cuda" else 0
+    return Data(train_sequences, skipped, eval_sequences, fixed_subset(eval_examples, answers) if answers else [],
+                examples_fingerprint(train_examples))
 
 
-def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+def setup_distributed(settings: Settings) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
     if "RANK" not in os.environ:
-        return 0, 1, resolve_device(args.device)
+        return 0, 1, resolve_device(settings.device)
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and args.device != "cpu":
+    if torch.cuda.is_available() and settings.device != "cpu":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -169,179 +88,236 @@ def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, given = parse_args(argv)
-    out = Path(args.out)
-    checkpoint_path = out / CHECKPOINT
-    check_out_dir(out, args.resume)  # before anything is loaded: a foreign or unwritable folder fails at once
-    if args.resume:
-        checkpoint = load_adapter(checkpoint_path)
-        check_training_state(checkpoint, checkpoint_path)
-        args = resumed_args(checkpoint, args, given, checkpoint_path)
-    rank, world, device = setup_distributed(args)
-    main_process = rank == 0
-    dtype = resolve_precision(args.precision, device)
+def check_same_content(what: str, recorded: str | None, now: str, path) -> None:
+    """--resume: the base model or the training data must be the run's own, wherever the files now are."""
+    if recorded is not None and recorded != now:
+        raise UserError(f"{path} was trained on other {what} (fingerprint {recorded}, now {now}): resume with the "
+                        f"{what} the run started with, or start a new run with another --out")
 
-    train_sequences, skipped, eval_sequences, eval_examples, data_fingerprint = prepare_data(args)
-    eval_answers = args.eval_answers if args.eval_answers is not None else \
-        EVAL_ANSWERS_ON_GPU if device.type == "cuda" else 0
-    answer_examples = fixed_subset(eval_examples, eval_answers) if eval_answers > 0 else []
-    steps_per_epoch = len(train_sequences) // (args.micro_batch_size * args.grad_accum * world)
-    max_steps = round(args.epochs * steps_per_epoch) if args.epochs is not None else args.max_steps
-    if max_steps < 1:
-        raise UserError(f"--epochs {args.epochs} of {steps_per_epoch} steps each is less than one step: raise it")
 
-    torch.manual_seed(args.seed)  # the same A matrices for the same seed
-    model = build_model(args.model, args.init, args.seed, args.base_dropout, lora_config_from(args), device, dtype,
-                        args.quantize)
-    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.eps, args.weight_decay, device,
-                               args.loraplus_ratio)
-    scaler = grad_scaler(dtype)
-    torch.manual_seed(args.seed + rank)  # dropout masks differ between GPUs
-    start_step = 0
-    if args.resume:
-        check_same_content("training data", checkpoint.get("data_fingerprint"), data_fingerprint, checkpoint_path)
-        check_same_content("base model", checkpoint["base"].get("fingerprint"), model.base_fingerprint,
-                           checkpoint_path)
-        start_step = restore(checkpoint, model, optimizer, scaler, device)
-        if start_step >= max_steps:
-            raise UserError(f"{checkpoint_path} is at step {start_step} already, and the run ends at step {max_steps}: "
-                            f"to train on, resume with a larger --max-steps")
-        if main_process:
-            forget_log_after(out / "log.jsonl", start_step)
-    else:  # left by a run that stopped before its first checkpoint
-        (out / "log.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / BEST, ignore_errors=True)
-    best = best_f1(out)  # the F1 to beat
+@dataclass(frozen=True)
+class Setup:
+    """Everything fit() uses, made by main()."""
+    settings: Settings  # max_steps: the step the run ends at (from --epochs too)
+    run: Run
+    model: GPT  # the model whose adapter is saved
+    train_model: torch.nn.Module  # what takes the steps: the model, wrapped by DDP and torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    base: Base
+    data: Data
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
 
-    settings = {**vars(args), "max_steps": max_steps, "device": str(device), "world_size": world,
-                "precision": precision_name(dtype), "train_sequences":
-                len(train_sequences), "skipped_too_long": skipped, "eval_sequences": len(eval_sequences),
-                "eval_answers": len(answer_examples),
-                "steps_per_epoch": steps_per_epoch, "lora": asdict(lora_config_from(args)),
-                "parameters": parameter_report(model)}
-    stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
-    if main_process:
-        print(settings_table(settings))
-        with atomic_write(out / "config.json", "w") as f:
-            json.dump(settings, f, indent=2)
-        if args.resume:
-            print(f"resumed from {checkpoint_path} at step {start_step} of {max_steps}")
-        warning = warmup_warning(args.warmup_steps, max_steps, args.lr)
-        if warning:
-            print(warning, file=sys.stderr)
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
 
-    train_model = DistributedDataParallel(model) if world > 1 else model
-    if args.compile:
-        if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
-            torch._functorch.config.cse = False
-        train_model = torch.compile(train_model)
-    base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
-            "config": vars(model.config), "fingerprint": model.base_fingerprint}
-    last_saved = start_step if args.resume else None
 
-    def diverged(problem: str) -> UserError:
-        """Training went numerically wrong: nothing more is saved, and the last checkpoint is the way back."""
-        if last_saved is None:
-            return UserError(f"{problem}; nothing was saved. Start again with a lower --lr")
-        return UserError(f"{problem}; not saved, so {checkpoint_path} holds step {last_saved}, the last good state. "
-                         f"Continue from it with a lower learning rate: python train.py --out {out} --resume "
-                         f"--lr {args.lr / 10:g}")
+class LogWindow:
+    """What the next log.jsonl line averages over, since the last one. The loss is summed on the device and read
+    only when logged: reading it at every step would make the CPU wait for the GPU, and the GPU then wait for the
+    CPU to launch the next step."""
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        states = [rng_state(device)]
-        if world > 1:  # every process's random state, so that each continues its own stream
-            states = [None] * world
-            dist.all_gather_object(states, rng_state(device))
-        if main_process:
-            save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
-                         precision=precision_name(dtype),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states,
-                         data_fingerprint=data_fingerprint)
-            save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
-        last_saved = step
+    def __init__(self, device: torch.device):
+        self.loss, self.targets, self.tokens, self.padded = torch.zeros((), device=device), 0, 0, 0
+        self.start = time.perf_counter()
 
-    def log(record: dict) -> None:
-        if main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")  # valid JSON: the NaN guards run first
+    def add(self, loss: torch.Tensor, micro_batches: list[Batch], world: int) -> int:
+        """Count one step; returns the real tokens it trained on, over all processes."""
+        self.loss += loss
+        self.targets += sum(len(b.targets) for b in micro_batches)
+        tokens = sum(b.n_real for b in micro_batches) * world
+        self.tokens += tokens
+        self.padded += sum(b.n_padded for b in micro_batches) * world
+        return tokens
 
-    steps = training_steps(train_sequences, args.micro_batch_size, args.grad_accum, args.seed, start_step, rank, world)
-    bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
-    model.train()
+    def mean_loss(self) -> float:
+        return self.loss.item() / self.targets  # waits for the GPU
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / (time.perf_counter() - self.start)
+
+    def record(self, step: int, lr: float) -> dict:
+        return {"step": step, "loss": self.mean_loss(), "lr": lr, "tokens_per_s": self.tokens_per_s(),
+                "padding": 1 - self.tokens / self.padded}
+
+
+def save(s: Setup, step: int) -> None:
+    """checkpoint.pt and adapter/. Every process's random state goes in, so that each continues its own stream."""
+    states = [rng_state(s.device)]
+    if s.world > 1:
+        states = [None] * s.world
+        dist.all_gather_object(states, rng_state(s.device))
+    if s.main_process:
+        save_checkpoint(s.run.checkpoint, s.model, s.settings, s.base, step, precision=precision_name(s.dtype),
+                        optimizer=s.optimizer.state_dict(), scaler=s.scaler.state_dict() if s.scaler else None,
+                        rng=states, data_fingerprint=s.data.fingerprint)
+        save_peft_adapter(s.run.adapter, s.model, s.settings.lora_config(), s.settings.model)  # for PEFT users
+
+
+def diverged(s: Setup, problem: str, last_saved: int | None) -> UserError:
+    """Training went numerically wrong: nothing more is saved, and the last checkpoint is the way back."""
+    if last_saved is None:
+        return UserError(f"{problem}; nothing was saved. Start again with a lower --lr")
+    return UserError(f"{problem}; not saved, so {s.run.checkpoint} holds step {last_saved}, the last good state. "
+                     f"Continue from it with a lower learning rate: python train.py --out {s.run.dir} --resume "
+                     f"--lr {s.settings.lr / 10:g}")
+
+
+def stop_requested(stop: StopRequest, s: Setup) -> bool:
+    """Whether any process was asked to stop: all of them then stop after the same step."""
+    if s.world == 1:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=s.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def fit(s: Setup, start_step: int, best: float | None, stop: StopRequest) -> None:
+    """The training loop, from `start_step` to the last step: a step, then logging, evaluating and saving at their
+    intervals. `best` is the eval F1 to beat for best/ (--eval-answers)."""
+    settings, max_steps = s.settings, s.settings.max_steps
+    steps = training_steps(s.data.train, settings.micro_batch_size, settings.grad_accum, settings.seed, start_step,
+                           s.rank, s.world)
+    bar = tqdm(total=max_steps, initial=start_step, disable=not s.main_process, dynamic_ncols=True)
+    s.model.train()
     micro_batches = next(steps)
-
-    def new_window() -> dict:  # what the next log.jsonl line averages over; the loss stays on the device
-        return {"loss": torch.zeros((), device=device), "targets": 0, "tokens": 0, "padded": 0,
-                "start": time.perf_counter()}
-
-    window = new_window()
-    shown = {}  # the last eval F1, for the progress bar
+    window, shown = LogWindow(s.device), {}  # shown: the last eval F1, for the progress bar
+    last_saved = start_step if settings.resume else None
     started, trained_tokens = time.perf_counter(), 0  # for the summary at the end
     for step in range(start_step, max_steps):
-        lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
+        lr = learning_rate(step, settings.lr, settings.warmup_steps, max_steps)
+        for group in s.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
-        # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
-        # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
-        window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
-        window["targets"] += sum(len(b.targets) for b in micro_batches)
-        tokens = sum(b.n_real for b in micro_batches) * world
-        window["tokens"] += tokens
-        trained_tokens += tokens
-        window["padded"] += sum(b.n_padded for b in micro_batches) * world
+        loss = train_step(s.train_model, micro_batches, s.optimizer, s.scaler, s.dtype, settings.clip, s.device)
+        trained_tokens += window.add(loss, micro_batches, s.world)
         if step + 1 < max_steps:
             micro_batches = next(steps)  # prepared on the CPU while the GPU works on this step
         done = step + 1
         bar.update(1)
-        stopping = stop.requested
-        if world > 1:
-            flag = torch.tensor(float(stopping), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        saving = done % args.save_every == 0 or done == max_steps or stopping
-        if done % args.log_every == 0 or saving:
-            loss = window["loss"].item() / window["targets"]  # waits for the GPU
+        stopping = stop_requested(stop, s)
+        saving = done % settings.save_every == 0 or done == max_steps or stopping
+        logging = done % settings.log_every == 0 or done == max_steps
+        if logging or saving:
+            loss = window.mean_loss()
             if not math.isfinite(loss):
-                raise diverged(f"the loss became {loss} by step {done}")
-            worst = check_adapter_sound(model) if saving else None
+                raise diverged(s, f"the loss became {loss} by step {done}", last_saved)
+            worst = check_adapter_sound(s.model) if saving else None
             if worst is not None:  # the loss was measured before this step's update: check what would be saved
-                raise diverged(f"by step {done} the adapter holds {worst:g} (A and B must be finite and within "
-                               f"{ADAPTER_LIMIT:g}): training diverged")
-            elapsed = time.perf_counter() - window["start"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}", **shown)
-        if done % args.log_every == 0 or done == max_steps:
-            log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": window["tokens"] / elapsed,
-                 "padding": 1 - window["tokens"] / window["padded"]})
-            window = new_window()
-        if done % args.eval_every == 0:
-            value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
+                raise diverged(s, f"by step {done} the adapter holds {worst:g} (A and B must be finite and within "
+                                  f"{ADAPTER_LIMIT:g}): training diverged", last_saved)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s():,.0f}", **shown)
+        if logging:
+            if s.main_process:
+                s.run.append_log(window.record(done, lr))
+            window = LogWindow(s.device)
+        if done % settings.eval_every == 0:
+            value = eval_loss(s.model, s.data.eval, settings.eval_batch_size, s.device, s.dtype)
             if not math.isfinite(value):
-                raise diverged(f"the eval loss became {value} at step {done}")
+                raise diverged(s, f"the eval loss became {value} at step {done}", last_saved)
             record = {"step": done, "eval_loss": value}
-            if answer_examples and main_process:
-                quality = answer_quality(model, answer_examples, args.eval_batch_size, device, dtype)
+            if s.data.answered and s.main_process:
+                quality = answer_quality(s.model, s.data.answered, settings.eval_batch_size, s.device, s.dtype)
                 record.update(quality)
                 shown["f1"] = f"{quality['f1']:.1f}"
                 if best is None or quality["f1"] > best:
                     best = quality["f1"]
-                    save_best(out, model, lora_config_from(args), base, vars(args), done, quality)
-            log(record)
-            bar.write(f"step {done}: eval loss {value:.4f}" + (f", {describe(quality)}" if "f1" in record else ""))
+                    save_best(s.run, s.model, settings, s.base, done, quality)
+            if s.main_process:
+                s.run.append_log(record)
+            bar.write(f"step {done}: eval loss {value:.4f}" + (f", {describe(record)}" if "f1" in record else ""))
         if saving:
-            save(done)
+            save(s, done)
+            last_saved = done
         if stopping:
             bar.close()
-            if main_process:
-                print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens))
-                print(f"stopped at step {done} of {max_steps}: saved {checkpoint_path}; continue with --resume")
+            if s.main_process:
+                print(run_summary(s.run, (start_step, done), time.perf_counter() - started, trained_tokens))
+                print(f"stopped at step {done} of {max_steps}: saved {s.run.checkpoint}; continue with --resume")
             sys.exit(EXIT_CODE)
     bar.close()
-    if main_process:
-        print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
-    if world > 1:
+    if s.main_process:
+        print(run_summary(s.run, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
+
+
+def setup(settings: Settings, run: Run, checkpoint: Checkpoint | None) -> tuple[Setup, int]:
+    """The data, the model, its optimizer, and (with --resume) the checkpoint's state in them; then the run's
+    files: config.json, and the log and best/ made to agree with the checkpoint. Returns the step to start from."""
+    rank, world, device = setup_distributed(settings)
+    dtype = resolve_precision(settings.precision, device)
+    data = prepare_data(settings, device)
+    steps_per_epoch = len(data.train) // (settings.micro_batch_size * settings.grad_accum * world)
+    if settings.epochs is not None:
+        settings = replace(settings, max_steps=round(settings.epochs * steps_per_epoch))
+        if settings.max_steps < 1:
+            raise UserError(f"--epochs {settings.epochs} of {steps_per_epoch} steps each is less than one step: "
+                            f"raise it")
+    torch.manual_seed(settings.seed)  # the same A matrices for the same seed
+    model = build_model(settings.model, settings.init, settings.seed, settings.base_dropout, settings.lora_config(),
+                        device, dtype, settings.quantize)
+    optimizer = make_optimizer(model, settings.lr, settings.betas, settings.eps, settings.weight_decay, device,
+                               settings.loraplus_ratio)
+    scaler = grad_scaler(dtype)
+    torch.manual_seed(settings.seed + rank)  # dropout masks differ between GPUs
+    start_step = 0
+    if checkpoint is not None:
+        check_same_content("training data", checkpoint.data_fingerprint, data.fingerprint, checkpoint.path)
+        check_same_content("base model", checkpoint.base.fingerprint, model.base_fingerprint, checkpoint.path)
+        start_step = checkpoint.restore(model, optimizer, scaler, device)
+        if start_step >= settings.max_steps:
+            raise UserError(f"{checkpoint.path} is at step {start_step} already, and the run ends at step "
+                            f"{settings.max_steps}: to train on, resume with a larger --max-steps")
+    if rank == 0:
+        run.remove_leftovers()
+        if checkpoint is not None:
+            run.forget_log_after(start_step)
+        else:  # left by a run that stopped before its first checkpoint
+            run.start_afresh()
+        recorded = {**settings.as_dict(), "device": str(device), "world_size": world,
+                    "precision": precision_name(dtype), "train_sequences": len(data.train),
+                    "skipped_too_long": data.skipped, "eval_sequences": len(data.eval),
+                    "eval_answers": len(data.answered), "steps_per_epoch": steps_per_epoch,
+                    "lora": asdict(settings.lora_config()),
+                    "parameters": parameter_report(model)}
+        print(settings_table(recorded))
+        run.write_config(recorded)
+        if checkpoint is not None:
+            print(f"resumed from {checkpoint.path} at step {start_step} of {settings.max_steps}")
+        warning = warmup_warning(settings.warmup_steps, settings.max_steps, settings.lr)
+        if warning:
+            print(warning, file=sys.stderr)
+    train_model = DistributedDataParallel(model) if world > 1 else model
+    if settings.compile:
+        if settings.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
+            torch._functorch.config.cse = False
+        train_model = torch.compile(train_model)
+    base = Base(settings.model, settings.init, settings.seed, vars(model.config), model.base_fingerprint,
+                settings.quantize)
+    return Setup(settings, run, model, train_model, optimizer, scaler, base, data, device, dtype, rank, world), \
+        start_step
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, given = parse(argv, __doc__)
+    run = Run(settings.out)
+    run.check_is_ours()  # before anything is loaded: a foreign or unwritable folder fails at once
+    with run.lock() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():  # rank 0 holds --out
+        run.check_start(settings.resume)
+        checkpoint = None
+        if settings.resume:  # every part of the run checked before anything is written
+            checkpoint = read_checkpoint(run.checkpoint)
+            checkpoint.check_resumable()
+            run.check_best()
+            settings = settings.resumed(checkpoint.settings, given, run.checkpoint)
+        s, start_step = setup(settings, run, checkpoint)
+        stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
+        fit(s, start_step, run.best_f1(), stop)
+    if s.world > 1:
         dist.destroy_process_group()
+
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     precision.py  bf16 / fp16 / fp32: which one, autocast, gradient scaling
     model.py      the base model with LoRA, for training; the merged model, for answering
     step.py       the optimizer, the learning-rate schedule, one training step, the eval loss
-    state.py      a run's directory and checkpoint: what it may hold, sound numbers only, resuming with its settings
+    settings.py   a run's settings as one dataclass: train.py's flags, config.json, what --resume may change
+    run.py        a run's directory and checkpoint: its files, what it may hold, one process at a time, resuming
     signals.py    Ctrl-C and SIGTERM: finish the step, save, exit
     answer.py     batched greedy answers to SQuAD questions, and their no-answer probabilities
     quality.py    EM and F1 while training, and the best adapter so far

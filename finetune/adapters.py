@@ -18,13 +18,11 @@ from gpt2 import GPT, GPTConfig, UserError, load_model
 from gpt2.files import atomic_write
 from gpt2.hub import hub_file, is_repo_id
 from gpt2.safetensors import load_safetensors, save_safetensors
-from lora import (LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, check_peft_config, load_adapter,
-                  lora_state_dict, recorded_config, to_peft)
+from lora import (LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, check_peft_config, lora_state_dict,
+                  to_peft)
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
-CHECKPOINT = "checkpoint.pt"
-ADAPTER_DIR = "adapter"  # the PEFT copy inside a run directory
-PEFT_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+from .run import CHECKPOINT, PEFT_FILES, Checkpoint, checkpoint_path, read_checkpoint
 
 
 def save_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, lora_config: LoRAConfig,
@@ -43,17 +41,16 @@ def export_run_to_peft(run: str | os.PathLike, directory: str | os.PathLike) -> 
     """The adapter of a train.py run (its directory or checkpoint.pt) as a PEFT adapter directory. The base's
     weights play no part, so the model is built on the meta device (no memory, no download) and only the adapter
     gets real tensors."""
-    checkpoint_path = Path(run) / CHECKPOINT if Path(run).is_dir() else Path(run)
-    checkpoint = load_adapter(checkpoint_path)
-    lora_config = recorded_config(checkpoint)
+    checkpoint = read_checkpoint(run)
+    lora_config = checkpoint.lora_config
     with torch.device("meta"):
-        model = GPT(GPTConfig(**checkpoint["base"]["config"]))
+        model = GPT(GPTConfig(**checkpoint.base.config))
         apply_lora(model, lora_config)
-    if set(lora_state_dict(model)) != set(checkpoint["adapter"]):
-        raise UserError(f"{checkpoint_path}: the adapter's tensors do not match its LoRA settings; the file is "
+    if set(lora_state_dict(model)) != set(checkpoint.lora["adapter"]):
+        raise UserError(f"{checkpoint.path}: the adapter's tensors do not match its LoRA settings; the file is "
                         f"damaged")
-    model.load_state_dict(checkpoint["adapter"], strict=False, assign=True)
-    return save_peft_adapter(directory, model, lora_config, checkpoint["base"]["model"])
+    model.load_state_dict(checkpoint.lora["adapter"], strict=False, assign=True)
+    return save_peft_adapter(directory, model, lora_config, checkpoint.base.model)
 
 
 def read_peft_adapter(dir_or_repo_id: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -85,36 +82,19 @@ def read_peft_adapter(dir_or_repo_id: str) -> tuple[dict, dict[str, torch.Tensor
     return config, load_safetensors(weights_file)
 
 
-def recorded_quantization(checkpoint: str) -> str:
-    """How the base of a train.py run was quantized ("none", "int8", "nf4"); "none" for a PEFT adapter."""
-    path = Path(checkpoint)
-    if path.is_file() or (path / CHECKPOINT).is_file():
-        return load_adapter(path if path.is_file() else path / CHECKPOINT)["base"].get("quantize", "none")
-    return "none"
-
-
-def trained_with_eos(checkpoint: str | None) -> bool:
-    """Whether the adapter learned to write EOS after its answers (a train.py run without --no-eos). A PEFT
-    adapter, or none, gets train.py's default: yes."""
-    path = Path(checkpoint) if checkpoint else None
-    if path and (path.is_file() or (path / CHECKPOINT).is_file()):
-        return not load_adapter(path if path.is_file() else path / CHECKPOINT).get("args", {}).get("no_eos", False)
-    return True
-
-
-def load_adapted_model(checkpoint: str, model_name: str | None = None, strict: bool = False) -> GPT:
+def load_adapted_model(checkpoint: str | Checkpoint, model_name: str | None = None, strict: bool = False) -> GPT:
     """The base model with the adapter's LoRA layers (fp32, on the CPU, not merged), from
-    - a train.py run directory or its checkpoint.pt: the base it was trained on (name, init, seed);
+    - a train.py run directory or its checkpoint.pt (or that checkpoint, read): the base it was trained on;
     - a PEFT adapter directory or a Hub repository id of one: the base its base_model_name_or_path names.
     `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter. A run's base whose
     weights differ from those it was trained on is a warning, or with `strict` an error (a PEFT adapter records
     no fingerprint of its base)."""
-    path = Path(checkpoint)
-    if path.is_file() or (path / CHECKPOINT).is_file():
-        run = load_adapter(path if path.is_file() else path / CHECKPOINT)
-        base = run["base"]
-        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, run, strict)
+    if not isinstance(checkpoint, Checkpoint) and checkpoint_path(checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
+    if isinstance(checkpoint, Checkpoint):
+        base = checkpoint.base
+        model = load_model(model_name) if model_name else load_model(base.model, base.init, base.seed)
+        apply_adapter(model, checkpoint.lora, strict)
         return model
     peft_config, tensors = read_peft_adapter(checkpoint)
     base_name = model_name or peft_config.get("base_model_name_or_path")

@@ -15,6 +15,7 @@ from lora import LoRAConfig, apply_lora, base_fingerprint, merge_lora
 from lora.quant import quantize_base
 
 from .adapters import load_adapted_model
+from .run import Checkpoint
 
 
 def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoRAConfig, device: torch.device,
@@ -32,11 +33,11 @@ def build_model(model: str, init: str, seed: int, base_dropout: float, lora: LoR
     return gpt.to(device)
 
 
-def load_answerer(checkpoint: str | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
+def load_answerer(checkpoint: str | Checkpoint | None, model_name: str | None, device: torch.device, dtype: torch.dtype,
                   quantize: str = "none", strict: bool = False) -> GPT:
-    """The model that answers, in `dtype`: the adapter of `checkpoint` (a train.py run, a PEFT adapter directory
-    or its Hub id) merged into its base (or `model_name`); without a checkpoint, the base model alone. With
-    `quantize`, the base is first quantized as it was in training, so the adapter meets the weights it learned
+    """The model that answers, in `dtype`: the adapter of `checkpoint` (a train.py run or its Checkpoint, a PEFT
+    adapter directory or its Hub id) merged into its base (or `model_name`); without a checkpoint, the base model
+    alone. With `quantize`, the base is first quantized as it was in training, so the adapter meets the weights it learned
     on; merging then dequantizes each layer (lora/quant.py). A base with other weights than the run's own is a
     warning, or with `strict` an error."""
     model = load_model(model_name) if checkpoint is None else load_adapted_model(checkpoint, model_name, strict)

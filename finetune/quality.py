@@ -8,7 +8,6 @@ keeps the adapter of the best F1 in `best/`:
     best/metrics.json    the same step and metrics, to read
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,13 +15,13 @@ import torch
 from data.metrics import squad_v2_scores
 from data.squad import SquadExample
 from gpt2.files import atomic_write
-from lora import LoRAConfig, load_adapter, save_adapter
 
 from .answer import answer, official_answer
 from .precision import autocast
+from .run import BEST_METRICS, CHECKPOINT, Base, Run, save_checkpoint
+from .settings import Settings
 
 MAX_NEW_TOKENS = 128  # evaluate.py's default: the same answers it would give
-BEST = "best"
 
 
 def fixed_subset(examples: list[SquadExample], n: int | None) -> list[SquadExample]:
@@ -58,16 +57,10 @@ def describe(quality: dict[str, float]) -> str:
             f"abstained {100 * quality['abstained']:.0f}%")
 
 
-def best_f1(run: Path) -> float | None:
-    """The F1 of the run's best adapter so far (None before the first evaluation): --resume keeps comparing to it."""
-    path = run / BEST / "checkpoint.pt"
-    return load_adapter(path)["quality"]["f1"] if path.is_file() else None
-
-
-def save_best(run: Path, model: torch.nn.Module, lora_config: LoRAConfig, base: dict, args: dict, step: int,
+def save_best(run: Run, model: torch.nn.Module, settings: Settings, base: Base, step: int,
               quality: dict[str, float]) -> None:
     """Write `best/`: the adapter with its step and metrics, then metrics.json. Each file is written atomically, and
     the checkpoint carries its own metrics, so a crash between the two leaves nothing that disagrees with it."""
-    save_adapter(run / BEST / "checkpoint.pt", model, lora_config, base, args=args, step=step, quality=quality)
-    with atomic_write(run / BEST / "metrics.json", "w") as f:
+    save_checkpoint(run.best / CHECKPOINT, model, settings, base, step, quality=quality)
+    with atomic_write(run.best / BEST_METRICS, "w") as f:
         json.dump({"step": step, **quality}, f, indent=2)

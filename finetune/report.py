@@ -1,10 +1,8 @@
 """What a training run tells its user: the settings at the start, a warning about a schedule that cannot reach its
 learning rate, and a summary at the end, read back from log.jsonl so that a resumed run's earlier steps count."""
 import json
-from pathlib import Path
 
-from .adapters import ADAPTER_DIR, CHECKPOINT
-from .quality import BEST
+from .run import Run
 from .step import learning_rate
 
 
@@ -49,10 +47,10 @@ def settings_table(s: dict) -> str:
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 
 
-def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) -> str:
+def run_summary(run: Run, steps: tuple[int, int], seconds: float, tokens: int) -> str:
     """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next."""
-    log = out / "log.jsonl"  # absent when a run stops before its first log line
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    # log.jsonl is absent when a run stops before its first log line
+    records = [json.loads(line) for line in run.log.read_text().splitlines()] if run.log.is_file() else []
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [(r["eval_loss"], r["step"]) for r in records if "eval_loss" in r]
     lines = [f"steps      {steps[0]} -> {steps[1]} in {seconds:.0f} s, {tokens / seconds:,.0f} tokens/s"]
@@ -67,8 +65,8 @@ def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) 
     if f1s:
         (last, last_step), (best, best_step) = f1s[-1], max(f1s)
         lines.append(f"eval F1    {last:.1f} at step {last_step} (last), {best:.1f} at step {best_step} (best: its "
-                     f"adapter is {out / BEST})")
-    lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
-              f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
-              f"score it   python evaluate.py --checkpoint {out}"]
+                     f"adapter is {run.best})")
+    lines += [f"files      {run.config} (settings), {run.log} (losses), "
+              f"{run.checkpoint} (adapter and training state), {run.adapter} (the adapter for PEFT)",
+              f"score it   python evaluate.py --checkpoint {run.dir}"]
     return "\n".join(lines)

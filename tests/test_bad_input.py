@@ -22,6 +22,7 @@ import torch
 import evaluate
 import train
 from conftest import ROOT
+from finetune.run import Run, read_checkpoint
 from data.prompts import prompt_tokens
 from data.squad import SquadExample, load_squad_file
 from gpt2 import UserError
@@ -452,3 +453,92 @@ def test_sigterm_saves_like_ctrl_c_and_a_second_one_quits(signals, short_dev_fil
     if signals == 1:
         assert "continue with --resume" in out and load_adapter(run / "checkpoint.pt")["step"] >= 1
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------- the run folder: one owner, safe
+
+def test_a_second_process_on_a_locked_run_folder_is_refused_and_changes_nothing(run_copy):
+    """This process holds the folder's lock, as a training run does for its life; a second train.py (another
+    process) is refused at once, with the holder's pid, and every file stays byte-identical."""
+    before = snapshot(run_copy)
+    with Run(run_copy).lock():
+        second = script("train.py", "--out", str(run_copy), "--resume", "--max-steps", "3")
+        assert snapshot(run_copy) == {**before, run_copy / "train.lock": f"{os.getpid()}\n".encode()}
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"is in use by another train.py (pid {os.getpid()})" in second.stderr
+    assert snapshot(run_copy) == before  # the lock file goes with its holder
+
+
+@pytest.mark.parametrize("damage, cause", [
+    (lambda c: c["args"].update(lr="fast"), r"checkpoint.pt \(its args\) is damaged: lr = 'fast' \(not a number\)"),
+    (lambda c: c["args"].update(rank=0), r"is damaged: rank = 0 \(0 is below 1"),
+    (lambda c: c["args"].update(targets=["c_bogus"]), r"is damaged: targets = \['c_bogus'\] \(not one of"),
+    (lambda c: c.update(args=[1, 2]), r"is damaged: the settings are a list"),
+    (lambda c: c.update(step=-1), r"checkpoint.pt is damaged: its step is not"),
+    (lambda c: c.update(step="2"), r"checkpoint.pt is damaged: its step is not"),
+    (lambda c: c.update(rng=[None]), r"checkpoint.pt is damaged: its rng is not"),
+    (lambda c: c.update(optimizer={"state": {}}), r"checkpoint.pt is damaged: its optimizer is not"),
+    (lambda c: c["optimizer"]["param_groups"][0].update(params=[0]), r"checkpoint.pt is damaged: its optimizer state "
+                                                                     r"does not fit the adapter"),
+    (lambda c: c["base"].pop("init"), r"checkpoint.pt is damaged: base.init missing"),
+], ids=["args-lr", "args-rank", "args-targets", "args-list", "step-negative", "step-text", "rng", "optimizer",
+        "optimizer-groups", "base"])
+def test_resume_refuses_a_damaged_training_state_before_writing(damage, cause, run_copy, capsys):
+    checkpoint = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, run_copy / "checkpoint.pt")
+    refused(train.main, ["--out", run_copy, "--resume", "--max-steps", "3"], capsys, 1, cause, watch=(run_copy,))
+
+
+def test_resume_refuses_a_best_folder_without_its_metrics(run_copy, capsys):
+    (run_copy / "best").mkdir()
+    shutil.copy(run_copy / "checkpoint.pt", run_copy / "best" / "checkpoint.pt")  # no quality, no metrics.json
+    refused(train.main, ["--out", run_copy, "--resume", "--max-steps", "3"], capsys, 1,
+            r"best is damaged: metrics.json missing", watch=(run_copy,))
+    (run_copy / "best" / "metrics.json").write_text('{"step": 2, "f1": 50.0}')
+    refused(train.main, ["--out", run_copy, "--resume", "--max-steps", "3"], capsys, 1,
+            r"best/checkpoint.pt is damaged: quality.f1 missing", watch=(run_copy,))
+
+
+def test_resume_removes_leftover_temporary_files_and_a_cut_log_line(run_copy, capsys):
+    """What a killed or disk-full run leaves: its own atomic writes' temporary files and a cut last log line. The
+    run is sound: --resume removes them, says so, and continues."""
+    leftovers = [run_copy / ".checkpoint.pt.a1b2c3.tmp", run_copy / ".log.jsonl.x_y.tmp",
+                 run_copy / "adapter" / ".adapter_model.safetensors.k9.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    with open(run_copy / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    train.main(["--out", str(run_copy), "--resume", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert "removed 3 temporary file(s) left by an interrupted write" in err and "dropped the cut last line" in err
+    assert not any(path.exists() for path in leftovers)
+    assert [json.loads(line)["step"] for line in (run_copy / "log.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_a_log_line_cut_short_by_a_full_disk_is_undone(run_copy, monkeypatch):
+    before = (run_copy / "log.jsonl").read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:len(data) // 2]))  # a full disk
+    with pytest.raises(UserError, match=r"cannot write .*log.jsonl \(No space left on device\)"):
+        Run(run_copy).append_log({"step": 3, "loss": 1.0})
+    assert (run_copy / "log.jsonl").read_bytes() == before
+
+
+def test_a_checkpoint_saved_before_the_later_flags_still_resumes_and_evaluates(run_copy, short_dev_file, tmp_path):
+    """A checkpoint from before --dora, --lora-init, --loraplus-ratio and --quantize existed, and before the base's
+    fingerprint and quantization were recorded: each missing field takes its default."""
+    checkpoint = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    for name in ("dora", "lora_init", "loraplus_ratio", "quantize"):
+        del checkpoint["args"][name]
+    del checkpoint["base"]["quantize"], checkpoint["base"]["fingerprint"]
+    checkpoint["args"]["targets"] = list(checkpoint["args"]["targets"])  # as argparse gave it
+    torch.save(checkpoint, run_copy / "checkpoint.pt")
+    old = read_checkpoint(run_copy)
+    assert (old.settings.dora, old.settings.quantize, old.base.quantize, old.base.fingerprint) == \
+        (False, "none", "none", None)
+    evaluate.main(["--checkpoint", str(run_copy), "--limit", "2", "--max-new-tokens", "2", "--out",
+                   str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["total"] == 2
+    train.main(["--out", str(run_copy), "--resume", "--max-steps", "3"])
+    assert load_adapter(run_copy / "checkpoint.pt")["step"] == 3

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from data.squad import load_squad_file
 from gpt2 import UserError
 from finetune.model import build_model
 from finetune.report import warmup_warning
+from finetune.settings import Settings, parse
 from finetune.step import train_step
 from lora import LoRAConfig, load_adapter, lora_layers
 
@@ -212,3 +214,22 @@ def test_each_lora_variant_learns_to_answer_memorised_questions(short_dev_file, 
                    str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["exact"] == 100.0 and metrics["total"] == 16
+
+
+def test_every_setting_is_a_flag_recorded_and_restored(capsys):
+    """Settings is the one place a flag is declared: each field is a flag of train.py with the field's default, a
+    record without the field (an older checkpoint) gives that default, and a run-defining field cannot change on
+    --resume while any other can."""
+    defaults, given = parse(["--out", "x"])
+    assert defaults == replace(Settings(), out="x") and given == {"out"}
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert {f"--{f.name.replace('_', '-')}" for f in fields(Settings)} <= set(capsys.readouterr().out.split())
+    assert Settings.from_record({}, "old") == Settings()
+    recorded = replace(Settings(), max_steps=10)
+    changed, given = parse(["--resume", "--max-steps", "20", "--lr", "1e-3", "--seed", "42"])
+    resumed = changed.resumed(recorded, given, "run")
+    assert (resumed.max_steps, resumed.lr, resumed.resume) == (20, 1e-3, True)
+    with pytest.raises(UserError, match="--seed 42 -> 7"):
+        parse(["--resume", "--seed", "7"])[0].resumed(recorded, {"seed"}, "run")
+
