@@ -19,6 +19,7 @@ answer length, and the worst answers.
 import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -29,13 +30,14 @@ from data.metrics import (best_thresholds, bleu1, correct_references, seed_refer
                           squad_v2_scores)
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
-from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
+from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_dora, trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
+from finetune.outputs import METRICS, NA_PROBS, PREDICTIONS, REPORT, Output, check_outputs
 from finetune.precision import PRECISIONS, resolve_precision
 from gpt2 import PRESETS, UserError
-from gpt2.files import atomic_write, check_writable_dir
+from gpt2.files import atomic_write
 from gpt2.pretrained import HUB_MODELS
 from lora import load_adapter
 from lora.quant import MODES
@@ -89,9 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"questions: give one or the other")
     if args.data_dir and args.eval_file:
         p.error("--data-dir is unused when --eval-file is given: drop one")
-    if args.context is None and args.checkpoint is None and args.model in PRESETS and args.model not in HUB_MODELS:
+    if args.model in PRESETS and args.model not in HUB_MODELS:
         p.error(f"{args.model} is a shape without pretrained weights; a run trained on it (train.py --init random) "
-                f"is evaluated with --checkpoint RUN, which rebuilds its base")
+                f"is evaluated with --checkpoint RUN and no --model: the run rebuilds its base")
     if args.predictions is None and args.checkpoint is None and args.model is None:
         p.error("give --checkpoint (or --model) to answer questions, or --predictions to score a file")
     return args
@@ -202,11 +204,13 @@ def scored_name(args: argparse.Namespace) -> str:
 
 
 def metrics_path(args: argparse.Namespace) -> Path:
-    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run). Named
-    after what was scored, so that scoring another subset never replaces an earlier file."""
+    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run, and for
+    a PEFT adapter, whose folder holds nothing else). Named after what was scored, so that scoring another subset
+    never replaces an earlier file."""
     if args.out:
         return Path(args.out)
-    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
+    run_checkpoint = Path(args.checkpoint or "") / CHECKPOINT
+    if args.checkpoint and (Path(args.checkpoint).is_file() or run_checkpoint.is_file()):
         run = Path(args.checkpoint)
         return (run if run.is_dir() else run.parent) / f"metrics.{scored_name(args)}.json"
     return Path(f"metrics.{scored_name(args)}.json")
@@ -217,16 +221,11 @@ def beside(metrics_file: Path, kind: str) -> Path:
     return metrics_file.with_suffix(f".{kind}.json")
 
 
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Before any answering: the files can be written, and none from an earlier evaluation is replaced unasked."""
-    for path in paths:
-        check_writable_dir(path.parent, "--out")
-        if path.is_dir():
-            raise UserError(f"--out {path} is a directory: name the metrics file (e.g. {path / 'metrics.json'})")
-    existing = [str(path) for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{' and '.join(existing)} already exist(s), from an earlier evaluation: pass --overwrite to "
-                        f"replace, or --out to write elsewhere")
+def read_paths(args: argparse.Namespace) -> list[str | Path | None]:
+    """Every file (or folder) evaluate.py reads: no output may replace one of them."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    eval_file = args.eval_file or (args.data_dir and Path(args.data_dir) / FILE_NAMES["eval"])
+    return [eval_file, args.predictions, args.model, checkpoint, checkpoint and checkpoint / CHECKPOINT]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,10 +236,18 @@ def main(argv: list[str] | None = None) -> None:
         use_the_runs_eval_data(args)
     if args.context is None:
         out = metrics_path(args)
-        outputs = [out] if args.predictions else [out, beside(out, "predictions"), beside(out, "na_prob")]
+        outputs = [Output(out, "--out", METRICS)]
+        if not args.predictions:
+            outputs += [Output(beside(out, "predictions"), "--out", PREDICTIONS),
+                        Output(beside(out, "na_prob"), "--out", NA_PROBS)]
+        if args.report:
+            outputs.append(Output(Path(args.report), "--report", REPORT))
         replacing = out.exists()
-        check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
+        check_outputs(outputs, read_paths(args), args.overwrite)
     quantize = args.quantize or (recorded_quantization(args.checkpoint) if args.checkpoint else "none")
+    if quantize != "none" and args.checkpoint and trained_with_dora(args.checkpoint):
+        raise UserError(f"--quantize {quantize} takes plain LoRA: {args.checkpoint} is a DoRA adapter, whose weight "
+                        f"norm needs the dense weight; drop --quantize")
 
     if args.context is not None:
         model = load_answerer(args.checkpoint, args.model, device, dtype, quantize, args.strict)
@@ -259,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
                                               add_eos=trained_with_eos(args.checkpoint))
         na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
+        not_numbers = [qid for qid, p in na_probs.items() if not math.isfinite(p)]
+        if not_numbers:  # a NaN would be written as a bare NaN, which is not JSON, and every answer is garbage
+            raise UserError(f"the no-answer probability of {len(not_numbers)} question(s) is not a number (first: "
+                            f"{not_numbers[0]!r}): the model's outputs are not finite. The adapter or the base is "
+                            f"damaged, or half precision overflowed: try --precision fp32")
         na_seconds, start = time.perf_counter() - start, time.perf_counter()
         if args.na_threshold is None:
             answers = answer(model, examples, args.batch_size, args.max_new_tokens)
@@ -283,12 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     metrics["breakdown"] = tables
     written = [out]
     with atomic_write(out, "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(metrics, f, indent=2, allow_nan=False)
     if not args.predictions:
         written += [beside(out, "predictions"), beside(out, "na_prob")]
         for path, content in zip(written[1:], (predictions, na_probs)):
             with atomic_write(path, "w") as f:
-                json.dump(content, f, indent=2)
+                json.dump(content, f, indent=2, allow_nan=False)
     if args.report:
         written.append(Path(args.report))
         with atomic_write(args.report, "w") as f:

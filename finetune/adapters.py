@@ -89,6 +89,14 @@ def recorded_quantization(checkpoint: str) -> str:
     return "none"
 
 
+def trained_with_dora(checkpoint: str) -> bool:
+    """Whether a train.py run trained DoRA (a PEFT adapter with DoRA is refused when loaded)."""
+    path = Path(checkpoint)
+    if path.is_file() or (path / CHECKPOINT).is_file():
+        return bool(load_adapter(path if path.is_file() else path / CHECKPOINT)["lora_config"].get("dora"))
+    return False
+
+
 def trained_with_eos(checkpoint: str | None) -> bool:
     """Whether the adapter learned to write EOS after its answers (a train.py run without --no-eos). A PEFT
     adapter, or none, gets train.py's default: yes."""
