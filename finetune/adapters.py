@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import GPT, GPTConfig, UserError, load_model
+from gpt2 import GPT, PRESETS, GPTConfig, UserError, load_model
 from gpt2.files import atomic_write
 from gpt2.hub import hub_file, is_repo_id
+from gpt2.pretrained import HUB_MODELS
 from gpt2.safetensors import load_safetensors, save_safetensors
 from lora import LoRAConfig, apply_adapter, apply_lora, apply_peft, load_adapter, lora_state_dict, to_peft
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -35,7 +36,7 @@ def save_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, lora
     directory = Path(directory)
     save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     with atomic_write(directory / CONFIG_NAME, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True, allow_nan=False)
     return directory
 
 
@@ -125,6 +126,9 @@ def load_adapted_model(checkpoint: str, model_name: str | None = None, strict: b
     if not base_name:
         raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
                         f"--model")
+    if base_name in PRESETS and base_name not in HUB_MODELS:  # gpt2's own advice (train.py's --init) fits no reader
+        raise UserError(f"{checkpoint} names {base_name} as its base, a shape without pretrained weights: pass the "
+                        f"base it was trained on with --model")
     model = load_model(base_name)
     apply_peft(model, peft_config, tensors)
     return model

@@ -143,6 +143,20 @@ def test_evaluate_advises_only_its_own_flags(flags, cause, run_copy, capsys):
     refused(evaluate.main, ["--checkpoint", run_copy, *flags], capsys, 2, cause)
 
 
+def test_a_peft_adapter_of_a_random_base_gets_advice_in_the_readers_flags(run_copy, short_dev_file, tmp_path,
+                                                                          capsys):
+    """Its base_model_name_or_path is gpt2-tiny, a shape: gpt2 advised train.py's --init random, a flag neither
+    evaluate.py nor export.py has."""
+    peft = tmp_path / "peft"
+    export.main(["--checkpoint", str(run_copy), "--peft", str(peft)])
+    cause = r"names gpt2-tiny as its base, a shape without pretrained weights: pass the base .* with --model"
+    argv = ["--checkpoint", peft, "--eval-file", short_dev_file, "--out", tmp_path / "m.json"]
+    message = refused(evaluate.main, argv, capsys, 1, cause, watch=(tmp_path,))
+    message += refused(export.main, ["--checkpoint", peft, "--merged", tmp_path / "merged"], capsys, 1, cause,
+                       watch=(tmp_path,))
+    assert "--init" not in message
+
+
 # ------------------------------------------------------------------------------------------------ SQuAD input
 
 @pytest.mark.parametrize("data, cause", [
