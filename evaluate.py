@@ -19,6 +19,7 @@ answer length, and the worst answers.
 import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -34,10 +35,11 @@ from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
+from finetune.outputs import METRICS, NA_PROBS, PREDICTIONS, REPORT, Output, check_outputs
 from finetune.precision import PRECISIONS, resolve_precision
 from finetune.run import Checkpoint, checkpoint_path, read_checkpoint
 from gpt2 import GPT, PRESETS, UserError
-from gpt2.files import atomic_write, check_writable_dir
+from gpt2.files import atomic_write
 from gpt2.pretrained import HUB_MODELS
 from lora.quant import MODES
 
@@ -90,9 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"questions: give one or the other")
     if args.data_dir and args.eval_file:
         p.error("--data-dir is unused when --eval-file is given: drop one")
-    if args.context is None and args.checkpoint is None and args.model in PRESETS and args.model not in HUB_MODELS:
+    if args.model in PRESETS and args.model not in HUB_MODELS:
         p.error(f"{args.model} is a shape without pretrained weights; a run trained on it (train.py --init random) "
-                f"is evaluated with --checkpoint RUN, which rebuilds its base")
+                f"is evaluated with --checkpoint RUN and no --model: the run rebuilds its base")
     if args.predictions is None and args.checkpoint is None and args.model is None:
         p.error("give --checkpoint (or --model) to answer questions, or --predictions to score a file")
     return args
@@ -201,13 +203,14 @@ def scored_name(args: argparse.Namespace) -> str:
 
 
 def metrics_path(args: argparse.Namespace) -> Path:
-    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run). Named
-    after what was scored, so that scoring another subset never replaces an earlier file."""
+    """The metrics file: --out, else metrics.<scored_name>.json in the run directory (or here, without a run, and for
+    a PEFT adapter, whose folder holds nothing else). Named after what was scored, so that scoring another subset
+    never replaces an earlier file."""
     if args.out:
         return Path(args.out)
-    if args.checkpoint and Path(args.checkpoint).exists():  # not for a Hub repository id
-        run = Path(args.checkpoint)
-        return (run if run.is_dir() else run.parent) / f"metrics.{scored_name(args)}.json"
+    run_checkpoint = checkpoint_path(args.checkpoint) if args.checkpoint else None
+    if run_checkpoint:
+        return run_checkpoint.parent / f"metrics.{scored_name(args)}.json"
     return Path(f"metrics.{scored_name(args)}.json")
 
 
@@ -216,24 +219,24 @@ def beside(metrics_file: Path, kind: str) -> Path:
     return metrics_file.with_suffix(f".{kind}.json")
 
 
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Before any answering: the files can be written, and none from an earlier evaluation is replaced unasked."""
-    for path in paths:
-        check_writable_dir(path.parent, "--out")
-        if path.is_dir():
-            raise UserError(f"--out {path} is a directory: name the metrics file (e.g. {path / 'metrics.json'})")
-    existing = [str(path) for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{' and '.join(existing)} already exist(s), from an earlier evaluation: pass --overwrite to "
-                        f"replace, or --out to write elsewhere")
+def read_paths(args: argparse.Namespace) -> list[str | Path | None]:
+    """Every file (or folder) evaluate.py reads: no output may replace one of them."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    eval_file = args.eval_file or (args.data_dir and Path(args.data_dir) / FILE_NAMES["eval"])
+    return [eval_file, args.predictions, args.model, checkpoint, checkpoint and checkpoint_path(checkpoint)]
 
 
 def checked_outputs(args: argparse.Namespace, answering: bool) -> tuple[Path, bool]:
-    """The metrics file, checked with the files that go beside it before any work; and whether it is there
-    already (to be replaced, with --overwrite)."""
+    """The metrics file, checked with the files that go beside it before any work (none may replace an input, or
+    a file evaluate.py did not write); and whether it is there already (to be replaced, with --overwrite)."""
     out = metrics_path(args)
-    outputs = [out, beside(out, "predictions"), beside(out, "na_prob")] if answering else [out]
-    check_outputs(outputs + ([Path(args.report)] if args.report else []), args.overwrite)
+    outputs = [Output(out, "--out", METRICS)]
+    if answering:
+        outputs += [Output(beside(out, "predictions"), "--out", PREDICTIONS),
+                    Output(beside(out, "na_prob"), "--out", NA_PROBS)]
+    if args.report:
+        outputs.append(Output(Path(args.report), "--report", REPORT))
+    check_outputs(outputs, read_paths(args), args.overwrite)
     return out, out.exists()
 
 
@@ -265,6 +268,11 @@ def score_checkpoint(args: argparse.Namespace, run: Checkpoint | None, device: t
     probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
                                           add_eos=trained_with_eos)
     na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
+    not_numbers = [qid for qid, p in na_probs.items() if not math.isfinite(p)]
+    if not_numbers:  # a NaN would be written as a bare NaN, which is not JSON, and every answer is garbage
+        raise UserError(f"the no-answer probability of {len(not_numbers)} question(s) is not a number (first: "
+                        f"{not_numbers[0]!r}): the model's outputs are not finite. The adapter or the base is "
+                        f"damaged, or half precision overflowed: try --precision fp32")
     na_seconds, start = time.perf_counter() - start, time.perf_counter()
     if args.na_threshold is None:
         answers = answer(model, examples, args.batch_size, args.max_new_tokens)
@@ -296,12 +304,12 @@ def write_results(args: argparse.Namespace, examples: list[SquadExample], predic
     metrics["breakdown"] = tables
     written = [out]
     with atomic_write(out, "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(metrics, f, indent=2, allow_nan=False)
     if na_probs is not None:
         written += [beside(out, "predictions"), beside(out, "na_prob")]
         for path, content in zip(written[1:], (predictions, na_probs)):
             with atomic_write(path, "w") as f:
-                json.dump(content, f, indent=2)
+                json.dump(content, f, indent=2, allow_nan=False)
     if args.report:
         written.append(Path(args.report))
         with atomic_write(args.report, "w") as f:
@@ -313,6 +321,9 @@ def write_results(args: argparse.Namespace, examples: list[SquadExample], predic
 def answerer(args: argparse.Namespace, run: Checkpoint | None, device: torch.device, dtype: torch.dtype) -> GPT:
     """The model that answers: quantized as the run was trained (or as --quantize says), the adapter merged."""
     quantize = args.quantize or (run.base.quantize if run else "none")
+    if quantize != "none" and run and run.lora_config.dora:
+        raise UserError(f"--quantize {quantize} takes plain LoRA: {args.checkpoint} is a DoRA adapter, whose weight "
+                        f"norm needs the dense weight; drop --quantize")
     return load_answerer(run or args.checkpoint, args.model, device, dtype, quantize, args.strict)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from finetune.outputs import PICTURE, Output, check_outputs
 from gpt2 import UserError
 from gpt2.files import atomic_write
 
@@ -98,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="a train.py --out directory, or a metrics JSON written by evaluate.py")
     p.add_argument("--out", type=Path, help="the PNG (default: curves.png in the run, or <metrics>.breakdown.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace a PNG already there")
     args = p.parse_args(argv)
     if args.path.is_dir():
-        plot_curves(args.path, args.out or args.path / "curves.png")
+        out, plot, read = args.out or args.path / "curves.png", plot_curves, args.path / "log.jsonl"
     elif args.path.is_file():
-        plot_breakdown(args.path, args.out or args.path.with_suffix(".breakdown.png"))
+        out, plot, read = args.out or args.path.with_suffix(".breakdown.png"), plot_breakdown, args.path
     else:
         raise UserError(f"no run directory or metrics file at {args.path}")
+    check_outputs([Output(out, "--out", PICTURE)], [args.path, read], args.overwrite)
+    plot(args.path, out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from gpt2.errors import UserError
 HUB_DATASET = "rajpurkar/squad_v2"
 HUB_SPLITS = {"train": "train", "eval": "validation"}
 FILE_NAMES = {"train": "train-v2.0.json", "eval": "dev-v2.0.json"}
-OFFLINE_HELP = ("Offline, download train-v2.0.json and dev-v2.0.json from https://rajpurkar.github.io/SQuAD-explorer/ "
-                "and pass --data-dir DIR (holding both) or --train-file / --eval-file FILE")
+SQUAD_SITE = "https://rajpurkar.github.io/SQuAD-explorer/"
 
 
 @dataclass
@@ -32,42 +31,68 @@ def load_split(split: str, data_dir: Optional[str] = None, file: Optional[str] =
     if file is not None:
         return load_squad_file(file)
     if data_dir is not None:
+        if not (Path(data_dir) / FILE_NAMES[split]).is_file():
+            raise UserError(f"--data-dir {data_dir} holds no {FILE_NAMES[split]}. {offline_help(split)}")
         return load_squad_file(Path(data_dir) / FILE_NAMES[split])
     return load_squad_hub(split)
 
 
 def load_squad_file(path: str | os.PathLike) -> list[SquadExample]:
-    """Every question of an official-format file, in order (article, paragraph, question)."""
+    """Every question of an official-format file, in order (article, paragraph, question). Each field is checked
+    here, before any work: a wrong type or a text that cannot be written out again (a lone surrogate such as
+    "\\ud800", which JSON allows) would otherwise stop a run or an evaluation at its very end."""
     if not os.path.isfile(path):
-        raise UserError(f"no SQuAD file at {path}. {OFFLINE_HELP}")
+        raise UserError(f"no SQuAD file at {path}: the official files (train-v2.0.json, dev-v2.0.json) are at "
+                        f"{SQUAD_SITE}")
     try:
         with open(path, encoding="utf-8") as f:
-            articles = json.load(f)["data"]
+            squad = json.load(f)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise UserError(f"{path} is not a SQuAD 2.0 JSON file ({type(e).__name__}: {e})") from None
-    examples, where = [], "data"
-    try:
-        for a, article in enumerate(articles):
-            where = f"data[{a}]"
-            for p, paragraph in enumerate(article["paragraphs"]):
-                where = f"data[{a}].paragraphs[{p}]"
-                for q, qa in enumerate(paragraph["qas"]):
-                    where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                    example = SquadExample(qa["id"], paragraph["context"], qa["question"],
-                                           [answer["text"] for answer in qa["answers"]])
-                    if not all(isinstance(text, str) for text in (example.id, example.context, example.question,
-                                                                  *example.answers)):
-                        raise TypeError("its id, context, question and answer texts must all be strings")
-                    examples.append(example)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: {where} is not in SQuAD format ({type(e).__name__}: {e}); expected articles with "
-                        f"'paragraphs', each with a 'context' and 'qas' of 'id', 'question', 'answers'") from None
+    if not isinstance(squad, dict):
+        raise UserError(f"{path} is not a SQuAD 2.0 JSON file: it holds a {type(squad).__name__}, not an object "
+                        f"with 'data'")
+    examples = []
+    for a, article in enumerate(_field(squad, "data", list, path, "")):
+        for p, paragraph in enumerate(_field(article, "paragraphs", list, path, f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = _text(paragraph, "context", path, where)
+            for q, qa in enumerate(_field(paragraph, "qas", list, path, where)):
+                where = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                qid = _text(qa, "id", path, where)
+                where += f" (question {qid!r})"
+                answers = [_text(answer, "text", path, f"{where}.answers[{i}]")
+                           for i, answer in enumerate(_field(qa, "answers", list, path, where))]
+                examples.append(SquadExample(qid, context, _text(qa, "question", path, where), answers))
     if not examples:
         raise UserError(f"{path} holds no questions")
     check_unique_ids(examples, path)
     return examples
+
+
+def _field(record, key: str, kind: type, path, where: str):
+    """record[key], which must be a `kind`; else a UserError naming the file and the field."""
+    name = f"{where}.{key}" if where else key
+    if not isinstance(record, dict) or key not in record:
+        raise UserError(f"{path}: {name} is not in SQuAD format: it is missing (expected articles with "
+                        f"'paragraphs', each with a 'context' and 'qas' of 'id', 'question', 'answers')")
+    if not isinstance(record[key], kind):
+        raise UserError(f"{path}: {name} is not in SQuAD format: it must be a {'list' if kind is list else 'string'}, "
+                        f"not {type(record[key]).__name__}")
+    return record[key]
+
+
+def _text(record, key: str, path, where: str) -> str:
+    """A string field that UTF-8 can encode (what the tokenizer and every file written later need)."""
+    text = _field(record, key, str, path, where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{path}: {where}.{key} holds {text[e.start]!r} at character {e.start}, half of a UTF-16 "
+                        f"pair, which is not text: fix or remove it") from None
+    return text
 
 
 def check_unique_ids(examples: list[SquadExample], source: str | os.PathLike) -> None:
@@ -91,6 +116,15 @@ def examples_fingerprint(examples: list[SquadExample]) -> str:
     return digest.hexdigest()[:16]
 
 
+def offline_help(split: str) -> str:
+    """How to do without the Hub, in flags that both train.py and evaluate.py have for `split` (training needs
+    the eval questions too, evaluating only those)."""
+    if split == "train":
+        return (f"Offline, download train-v2.0.json and dev-v2.0.json from {SQUAD_SITE} and pass --data-dir DIR "
+                f"(holding both) or --train-file / --eval-file FILE")
+    return f"Offline, download dev-v2.0.json from {SQUAD_SITE} and pass --data-dir DIR (holding it) or --eval-file FILE"
+
+
 def load_squad_hub(split: str) -> list[SquadExample]:
     """The split from the Hub via `datasets` (cached after the first download; with HF_HUB_OFFLINE=1 the cached
     copy only)."""
@@ -98,13 +132,13 @@ def load_squad_hub(split: str) -> list[SquadExample]:
         import datasets  # only here: local-file runs need no `datasets`
     except ImportError:
         raise UserError(f"loading SQuAD from the Hub needs the datasets package (pip install datasets). "
-                        f"{OFFLINE_HELP}") from None
+                        f"{offline_help(split)}") from None
     try:
         rows = datasets.load_dataset(HUB_DATASET, split=HUB_SPLITS[split])
     except Exception as e:  # datasets raises many kinds: connection, cache, offline mode
         offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (without network, HF_HUB_OFFLINE=1 fails at once)"
         raise UserError(f"could not load {HUB_DATASET} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-                        f"{OFFLINE_HELP}{offline}") from None
+                        f"{offline_help(split)}{offline}") from None
     examples = [SquadExample(r["id"], r["context"], r["question"], list(r["answers"]["text"])) for r in rows]
     check_unique_ids(examples, HUB_DATASET)
     return examples

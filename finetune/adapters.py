@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import GPT, GPTConfig, UserError, load_model
+from gpt2 import GPT, PRESETS, GPTConfig, UserError, load_model
 from gpt2.files import atomic_write
 from gpt2.hub import hub_file, is_repo_id
+from gpt2.pretrained import HUB_MODELS
 from gpt2.safetensors import load_safetensors, save_safetensors
 from lora import (LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, check_peft_config, lora_state_dict,
                   to_peft)
@@ -33,7 +34,7 @@ def save_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, lora
     directory = Path(directory)
     save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     with atomic_write(directory / CONFIG_NAME, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True, allow_nan=False)
     return directory
 
 
@@ -101,6 +102,9 @@ def load_adapted_model(checkpoint: str | Checkpoint, model_name: str | None = No
     if not base_name:
         raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
                         f"--model")
+    if base_name in PRESETS and base_name not in HUB_MODELS:  # gpt2's own advice (train.py's --init) fits no reader
+        raise UserError(f"{checkpoint} names {base_name} as its base, a shape without pretrained weights: pass the "
+                        f"base it was trained on with --model")
     model = load_model(base_name)
     apply_peft(model, peft_config, tensors, source=checkpoint)
     return model

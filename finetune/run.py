@@ -163,11 +163,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _is_temporary(name: str) -> bool:
-    """A temporary file of gpt2.files.atomic_write (".NAME.random.tmp") for one of a run's files, left by a process
-    killed while writing it."""
-    return name.startswith(".") and name.endswith(".tmp") and \
-        name[1:-len(".tmp")].rsplit(".", 1)[0] in (CONFIG, LOG, CHECKPOINT, BEST_METRICS, *PEFT_FILES)
+RUN_OWNED = (CONFIG, LOG, CHECKPOINT, BEST_METRICS, *PEFT_FILES)  # the files a run writes through atomic_write
+
+
+def is_temporary(name: str, owners: tuple[str, ...] = RUN_OWNED) -> bool:
+    """A temporary file of gpt2.files.atomic_write (".NAME.random.tmp") for one of `owners` (by default a run's
+    files), left by a process killed while writing it."""
+    return name.startswith(".") and name.endswith(".tmp") and name[1:-len(".tmp")].rsplit(".", 1)[0] in owners
 
 
 def _log_records(text: str) -> list | None:
@@ -188,14 +190,14 @@ class Run:
         self.checkpoint, self.config, self.log = self.dir / CHECKPOINT, self.dir / CONFIG, self.dir / LOG
         self.best, self.adapter = self.dir / BEST, self.dir / ADAPTER_DIR
 
-    def _is_run_file(self, path: Path) -> bool:
+    def is_run_file(self, path: Path) -> bool:
         name = path.name
-        if _is_temporary(name):
+        if is_temporary(name):
             return True
         if name == BEST:
-            return path.is_dir() and all(f in (CHECKPOINT, BEST_METRICS) or _is_temporary(f) for f in os.listdir(path))
+            return path.is_dir() and all(f in (CHECKPOINT, BEST_METRICS) or is_temporary(f) for f in os.listdir(path))
         if name == ADAPTER_DIR:
-            return path.is_dir() and all(f in PEFT_FILES or _is_temporary(f) for f in os.listdir(path))
+            return path.is_dir() and all(f in PEFT_FILES or is_temporary(f) for f in os.listdir(path))
         if not path.is_file() or not any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES):
             return False
         try:  # a config.json or log.jsonl of another tool must not be overwritten or deleted: check they are ours
@@ -212,7 +214,7 @@ class Run:
         """--out must be writable and new, empty, or a run directory. Reads only: checked before anything else."""
         check_writable_dir(self.dir, "--out")
         if self.dir.is_dir():
-            foreign = sorted(name for name in os.listdir(self.dir) if not self._is_run_file(self.dir / name))
+            foreign = sorted(name for name in os.listdir(self.dir) if not self.is_run_file(self.dir / name))
             if foreign:
                 raise UserError(f"--out {self.dir} holds files that are not a train.py run's ({', '.join(foreign[:4])}"
                                 f"{', ...' if len(foreign) > 4 else ''}); a run would overwrite its {CONFIG} and "
@@ -277,7 +279,7 @@ class Run:
         """Remove the temporary files of writes that a killed process left behind (never read: the files they
         were to replace are whole). Under the lock only: a running train.py's would be in the middle of a write."""
         leftovers = [folder / name for folder in (self.dir, self.best, self.adapter) if folder.is_dir()
-                     for name in os.listdir(folder) if _is_temporary(name)]
+                     for name in os.listdir(folder) if is_temporary(name)]
         for path in leftovers:
             path.unlink()
         if leftovers:

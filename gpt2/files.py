@@ -15,10 +15,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     A rename within one directory is atomic: readers see the old file or the new one, never a partial one.
     On any error (KeyboardInterrupt included) the temporary file is removed and `path` is untouched. The file
     gets the permissions a plain open() would give it (the user's umask).
+
+    The disk filling up, a read-only mount, a missing permission, a path below a file: the OS's error becomes a
+    UserError naming `path` and the cause, since the user, not the program, can fix it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file private (0600); open() would not
         with os.fdopen(fd, mode) as f:
@@ -26,8 +32,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}; the file there before (if any) is "
+                            f"unchanged") from None
         raise
 
 

@@ -162,7 +162,7 @@ def save_pretrained(model: GPT, directory: str | os.PathLike) -> Path:
               "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,  # GPT-2's training dropouts
               "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
     with atomic_write(directory / "config.json", "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(config, f, indent=2, allow_nan=False)
     return directory
 
 

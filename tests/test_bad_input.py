@@ -184,8 +184,8 @@ def test_epochs_that_round_to_no_step_are_refused(short_dev_file, tmp_path, caps
 
 
 @pytest.mark.parametrize("data, cause", [
-    (squad(qa(question=5)), r"qas\[0\] is not in SQuAD format .*must all be strings"),
-    (squad(qa(answers=[None])), r"qas\[0\] is not in SQuAD format"),
+    (squad(qa(question=5)), r"qas\[0\] \(question 'q1'\).question is not in SQuAD format: it must be a string"),
+    (squad(qa(answers=[None])), r"qas\[0\] \(question 'q1'\).answers\[0\].text is not in SQuAD format"),
     (squad(qa("q1"), qa("q1", "Another?")), r"1 question id\(s\) occur more than once \(first: 'q1'\)"),
     ({"data": "nope"}, r"is not in SQuAD format"),
     ([1, 2], r"is not a SQuAD 2.0 JSON file"),
@@ -326,7 +326,7 @@ def test_evaluate_refuses_a_missing_gpu(run_copy, short_dev_file, capsys):
 
 
 def test_evaluate_never_replaces_earlier_metrics_unasked(run_copy, short_dev_file, capsys):
-    (run_copy / "metrics.short16.json").write_text('{"exact": 71.2}')  # named after the questions it scored
+    (run_copy / "metrics.short16.json").write_text('{"exact": 71.2, "f1": 74.0, "total": 16}')  # named after the questions it scored
     refused(evaluate.main, ["--checkpoint", run_copy, "--eval-file", short_dev_file], capsys, 1,
             r"metrics.short16.json .*already exist.*--overwrite", watch=(run_copy,))
 

@@ -108,13 +108,15 @@ def test_training_steps_resume_mid_stream_and_deal_micro_batches_to_ranks():
 
 
 def test_malformed_or_missing_squad_files_are_clear_errors(tmp_path):
-    with pytest.raises(UserError, match="no SQuAD file at .*--data-dir"):
+    with pytest.raises(UserError, match="no SQuAD file at .*nope.json"):
         load_squad_file(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="holds no dev-v2.0.json.*--data-dir DIR .* or --eval-file FILE"):
+        load_split("eval", data_dir=str(tmp_path))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="bad.json is not a SQuAD 2.0 JSON file"):
         load_squad_file(tmp_path / "bad.json")
     (tmp_path / "shape.json").write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": 1}]}]}]}))
-    with pytest.raises(UserError, match=r"shape.json: data\[0\].paragraphs\[0\].qas\[0\] is not in SQuAD format"):
+    with pytest.raises(UserError, match=r"shape.json: data\[0\].paragraphs\[0\].qas\[0\].id is not in SQuAD format: it must be a string"):
         load_squad_file(tmp_path / "shape.json")
 
 

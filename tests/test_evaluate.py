@@ -82,11 +82,11 @@ def test_checkpoint_from_train_py_is_scored(tmp_path, capsys):
     train.main(["--model", "gpt2-tiny", "--init", "random", "--train-file", str(DEV_FILE), "--eval-file",
                 str(DEV_FILE), "--max-steps", "4", "--out", str(run), "--micro-batch-size", "2", "--grad-accum", "2"])
     evaluate.main(["--checkpoint", str(run), "--eval-file", str(DEV_FILE), "--limit", "24", "--max-new-tokens", "16",
-                   "--out", str(run / "m.json")])
-    metrics = json.loads((run / "m.json").read_text())
+                   "--out", str(run / "metrics.m.json")])  # a run holds metrics*.json
+    metrics = json.loads((run / "metrics.m.json").read_text())
     assert metrics["total"] == 24 and "bleu1_seed" not in metrics
-    predictions = json.loads((run / "m.predictions.json").read_text())
-    na_probs = json.loads((run / "m.na_prob.json").read_text())  # the official --na-prob-file format
+    predictions = json.loads((run / "metrics.m.predictions.json").read_text())
+    na_probs = json.loads((run / "metrics.m.na_prob.json").read_text())  # the official --na-prob-file format
     assert list(na_probs) == list(predictions) == [ex.id for ex in DEV[:24]]
     assert all(0 < p <= 1 for p in na_probs.values())
     # The reported best_* are those of the two files written (test_metrics checks them against the official script).

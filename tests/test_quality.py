@@ -119,7 +119,7 @@ def test_plots_are_written_and_need_only_matplotlib(tmp_path, monkeypatch):
     assert (run / "metrics.breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(UserError, match="pip install matplotlib"):
-        plot.main([str(run)])
+        plot.main([str(run), "--overwrite"])
 
 
 def test_na_threshold_is_a_probability_used_while_answering():
