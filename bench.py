@@ -11,6 +11,9 @@ random tokens of --batch-size x --seq-len, or with --data on real SQuAD sequence
 per answer, on random 150-250-token prompts or the real dev prompts. Warm-up steps are not timed; CUDA work is
 timed with synchronisation. Prints a table, then one JSON line.
 """
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import json
 import time

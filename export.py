@@ -9,6 +9,9 @@
     GPT2LMHeadModel.from_pretrained("gpt2-squad")
 Either directory can be uploaded as it is (`hf upload USER/NAME DIR`). The tokenizer is GPT-2's own.
 """
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 
 from finetune.adapters import export_run_to_peft, load_adapted_model

@@ -16,7 +16,9 @@ adapter of the best eval F1 so far). `python train.py --out RUN --resume` needs 
 settings. --out must be new, empty, or a run directory. Ctrl-C or SIGTERM saves a checkpoint and exits; a second
 one quits at once.
 """
-import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import json
 import math
@@ -103,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     length.add_argument("--epochs", type=positive, help="train this many passes over the data instead")
     g.add_argument("--micro-batch-size", type=at_least(1), default=5, help="sequences per forward pass (per GPU)")
     g.add_argument("--grad-accum", type=at_least(1), default=10, help="micro-batches per optimizer step")
+    g.add_argument("--micro-batch-split", type=at_least(1), default=1, metavar="K", help="cut each micro-batch of "
+                   "length-sorted sequences into K where padding is least: the same steps, less padding (e.g. 2 with "
+                   "--micro-batch-size 50 --grad-accum 1)")
     g.add_argument("--clip", type=positive, default=1.0, help="gradient norm clipping")
     g.add_argument("--seed", type=at_least(0), default=42)
     g = p.add_argument_group("evaluation, logging and checkpoints")
@@ -218,128 +223,130 @@ def main(argv: list[str] | None = None) -> None:
                 "eval_answers": len(answer_examples),
                 "steps_per_epoch": steps_per_epoch, "lora": asdict(lora_config_from(args)),
                 "parameters": parameter_report(model)}
-    stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
-    if main_process:
-        print(settings_table(settings))
-        with atomic_write(out / "config.json", "w") as f:
-            json.dump(settings, f, indent=2)
-        if args.resume:
-            print(f"resumed from {checkpoint_path} at step {start_step} of {max_steps}")
-        warning = warmup_warning(args.warmup_steps, max_steps, args.lr)
-        if warning:
-            print(warning, file=sys.stderr)
-
-    train_model = DistributedDataParallel(model) if world > 1 else model
-    if args.compile:
-        if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
-            torch._functorch.config.cse = False
-        train_model = torch.compile(train_model)
-    base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
-            "config": vars(model.config), "fingerprint": model.base_fingerprint}
-    last_saved = start_step if args.resume else None
-
-    def diverged(problem: str) -> UserError:
-        """Training went numerically wrong: nothing more is saved, and the last checkpoint is the way back."""
-        if last_saved is None:
-            return UserError(f"{problem}; nothing was saved. Start again with a lower --lr")
-        return UserError(f"{problem}; not saved, so {checkpoint_path} holds step {last_saved}, the last good state. "
-                         f"Continue from it with a lower learning rate: python train.py --out {out} --resume "
-                         f"--lr {args.lr / 10:g}")
-
-    def save(step: int) -> None:
-        nonlocal last_saved
-        states = [rng_state(device)]
-        if world > 1:  # every process's random state, so that each continues its own stream
-            states = [None] * world
-            dist.all_gather_object(states, rng_state(device))
+    # From here on, Ctrl-C or SIGTERM saves the run; on leaving, the process's own handlers are back.
+    with StopRequest() as stop:
         if main_process:
-            save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
-                         precision=precision_name(dtype),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states,
-                         data_fingerprint=data_fingerprint)
-            save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
-        last_saved = step
+            print(settings_table(settings))
+            with atomic_write(out / "config.json", "w") as f:
+                json.dump(settings, f, indent=2)
+            if args.resume:
+                print(f"resumed from {checkpoint_path} at step {start_step} of {max_steps}")
+            warning = warmup_warning(args.warmup_steps, max_steps, args.lr)
+            if warning:
+                print(warning, file=sys.stderr)
 
-    def log(record: dict) -> None:
-        if main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")  # valid JSON: the NaN guards run first
+        train_model = DistributedDataParallel(model) if world > 1 else model
+        if args.compile:
+            if args.quantize != "none":  # else the compiler saves the dense weights for backward (lora/quant.py)
+                torch._functorch.config.cse = False
+            train_model = torch.compile(train_model)
+        base = {"model": args.model, "init": args.init, "seed": args.seed, "quantize": args.quantize,
+                "config": vars(model.config), "fingerprint": model.base_fingerprint}
+        last_saved = start_step if args.resume else None
 
-    steps = training_steps(train_sequences, args.micro_batch_size, args.grad_accum, args.seed, start_step, rank, world)
-    bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
-    model.train()
-    micro_batches = next(steps)
+        def diverged(problem: str) -> UserError:
+            """Training went numerically wrong: nothing more is saved, and the last checkpoint is the way back."""
+            if last_saved is None:
+                return UserError(f"{problem}; nothing was saved. Start again with a lower --lr")
+            return UserError(f"{problem}; not saved, so {checkpoint_path} holds step {last_saved}, the last good state. "
+                             f"Continue from it with a lower learning rate: python train.py --out {out} --resume "
+                             f"--lr {args.lr / 10:g}")
 
-    def new_window() -> dict:  # what the next log.jsonl line averages over; the loss stays on the device
-        return {"loss": torch.zeros((), device=device), "targets": 0, "tokens": 0, "padded": 0,
-                "start": time.perf_counter()}
-
-    window = new_window()
-    shown = {}  # the last eval F1, for the progress bar
-    started, trained_tokens = time.perf_counter(), 0  # for the summary at the end
-    for step in range(start_step, max_steps):
-        lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
-        # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
-        # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
-        window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
-        window["targets"] += sum(len(b.targets) for b in micro_batches)
-        tokens = sum(b.n_real for b in micro_batches) * world
-        window["tokens"] += tokens
-        trained_tokens += tokens
-        window["padded"] += sum(b.n_padded for b in micro_batches) * world
-        if step + 1 < max_steps:
-            micro_batches = next(steps)  # prepared on the CPU while the GPU works on this step
-        done = step + 1
-        bar.update(1)
-        stopping = stop.requested
-        if world > 1:
-            flag = torch.tensor(float(stopping), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        saving = done % args.save_every == 0 or done == max_steps or stopping
-        if done % args.log_every == 0 or saving:
-            loss = window["loss"].item() / window["targets"]  # waits for the GPU
-            if not math.isfinite(loss):
-                raise diverged(f"the loss became {loss} by step {done}")
-            worst = check_adapter_sound(model) if saving else None
-            if worst is not None:  # the loss was measured before this step's update: check what would be saved
-                raise diverged(f"by step {done} the adapter holds {worst:g} (A and B must be finite and within "
-                               f"{ADAPTER_LIMIT:g}): training diverged")
-            elapsed = time.perf_counter() - window["start"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}", **shown)
-        if done % args.log_every == 0 or done == max_steps:
-            log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": window["tokens"] / elapsed,
-                 "padding": 1 - window["tokens"] / window["padded"]})
-            window = new_window()
-        if done % args.eval_every == 0:
-            value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
-            if not math.isfinite(value):
-                raise diverged(f"the eval loss became {value} at step {done}")
-            record = {"step": done, "eval_loss": value}
-            if answer_examples and main_process:
-                quality = answer_quality(model, answer_examples, args.eval_batch_size, device, dtype)
-                record.update(quality)
-                shown["f1"] = f"{quality['f1']:.1f}"
-                if best is None or quality["f1"] > best:
-                    best = quality["f1"]
-                    save_best(out, model, lora_config_from(args), base, vars(args), done, quality)
-            log(record)
-            bar.write(f"step {done}: eval loss {value:.4f}" + (f", {describe(quality)}" if "f1" in record else ""))
-        if saving:
-            save(done)
-        if stopping:
-            bar.close()
+        def save(step: int) -> None:
+            nonlocal last_saved
+            states = [rng_state(device)]
+            if world > 1:  # every process's random state, so that each continues its own stream
+                states = [None] * world
+                dist.all_gather_object(states, rng_state(device))
             if main_process:
-                print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens))
-                print(f"stopped at step {done} of {max_steps}: saved {checkpoint_path}; continue with --resume")
-            sys.exit(EXIT_CODE)
-    bar.close()
-    if main_process:
-        print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
-    if world > 1:
-        dist.destroy_process_group()
+                save_adapter(checkpoint_path, model, lora_config_from(args), base, args=vars(args), step=step,
+                             precision=precision_name(dtype),
+                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None, rng=states,
+                             data_fingerprint=data_fingerprint)
+                save_peft_adapter(out / ADAPTER_DIR, model, lora_config_from(args), args.model)  # for PEFT users
+            last_saved = step
+
+        def log(record: dict) -> None:
+            if main_process:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")  # valid JSON: the NaN guards run first
+
+        steps = training_steps(train_sequences, args.micro_batch_size, args.grad_accum, args.seed, start_step, rank, world,
+                               args.micro_batch_split)
+        bar = tqdm(total=max_steps, initial=start_step, disable=not main_process, dynamic_ncols=True)
+        model.train()
+        micro_batches = next(steps)
+
+        def new_window() -> dict:  # what the next log.jsonl line averages over; the loss stays on the device
+            return {"loss": torch.zeros((), device=device), "targets": 0, "tokens": 0, "padded": 0,
+                    "start": time.perf_counter()}
+
+        window = new_window()
+        shown = {}  # the last eval F1, for the progress bar
+        started, trained_tokens = time.perf_counter(), 0  # for the summary at the end
+        for step in range(start_step, max_steps):
+            lr = learning_rate(step, args.lr, args.warmup_steps, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ keeps B's group at a multiple of A's
+            # No .item() here: reading the loss would make the CPU wait for the GPU at every step, and the GPU would
+            # then wait for the CPU to launch the next one. The loss is read only when logging and saving.
+            window["loss"] += train_step(train_model, micro_batches, optimizer, scaler, dtype, args.clip, device)
+            window["targets"] += sum(len(b.targets) for b in micro_batches)
+            tokens = sum(b.n_real for b in micro_batches) * world
+            window["tokens"] += tokens
+            trained_tokens += tokens
+            window["padded"] += sum(b.n_padded for b in micro_batches) * world
+            if step + 1 < max_steps:
+                micro_batches = next(steps)  # prepared on the CPU while the GPU works on this step
+            done = step + 1
+            bar.update(1)
+            stopping = stop.requested
+            if world > 1:
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            saving = done % args.save_every == 0 or done == max_steps or stopping
+            if done % args.log_every == 0 or saving:
+                loss = window["loss"].item() / window["targets"]  # waits for the GPU
+                if not math.isfinite(loss):
+                    raise diverged(f"the loss became {loss} by step {done}")
+                worst = check_adapter_sound(model) if saving else None
+                if worst is not None:  # the loss was measured before this step's update: check what would be saved
+                    raise diverged(f"by step {done} the adapter holds {worst:g} (A and B must be finite and within "
+                                   f"{ADAPTER_LIMIT:g}): training diverged")
+                elapsed = time.perf_counter() - window["start"]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:,.0f}", **shown)
+            if done % args.log_every == 0 or done == max_steps:
+                log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": window["tokens"] / elapsed,
+                     "padding": 1 - window["tokens"] / window["padded"]})
+                window = new_window()
+            if done % args.eval_every == 0:
+                value = eval_loss(model, eval_sequences, args.eval_batch_size, device, dtype)
+                if not math.isfinite(value):
+                    raise diverged(f"the eval loss became {value} at step {done}")
+                record = {"step": done, "eval_loss": value}
+                if answer_examples and main_process:
+                    quality = answer_quality(model, answer_examples, args.eval_batch_size, device, dtype)
+                    record.update(quality)
+                    shown["f1"] = f"{quality['f1']:.1f}"
+                    if best is None or quality["f1"] > best:
+                        best = quality["f1"]
+                        save_best(out, model, lora_config_from(args), base, vars(args), done, quality)
+                log(record)
+                bar.write(f"step {done}: eval loss {value:.4f}" + (f", {describe(quality)}" if "f1" in record else ""))
+            if saving:
+                save(done)
+            if stopping:
+                bar.close()
+                if main_process:
+                    print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens))
+                    print(f"stopped at step {done} of {max_steps}: saved {checkpoint_path}; continue with --resume")
+                sys.exit(EXIT_CODE)
+        bar.close()
+        if main_process:
+            print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
