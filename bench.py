@@ -17,6 +17,7 @@ from finetune.signals import install_error_handling
 install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from finetune.cli import at_least, given_flags, resolve_device
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.step import make_optimizer, train_step
-from gpt2 import GPT, generate
-from lora import LoRAConfig, merge_lora
+from gpt2 import GPT, UserError, generate
+from lora import LoRAConfig, LoRAError, merge_lora
 from lora.quant import MODES, weight_bytes
 
 # train.py's defaults, which the bench times: the seed's LoRA targets and dropouts, AdamW, clipping.
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_new_tokens > MAX_LEN - 250:
         p.error(f"--max-new-tokens {args.max_new_tokens}: the prompts (up to 250 tokens) and the answers must fit "
                 f"the {MAX_LEN}-token context; give at most {MAX_LEN - 250}")
+    if args.data and not os.path.isfile(args.data):
+        p.error(f"no file at --data {args.data}: give an official-format SQuAD JSON file")
     if args.data and "seq_len" in given:
         p.error("--seq-len is for random tokens: with --data the lengths are SQuAD's; drop one")
     for flag in ("micro_batch_split", "count_padding"):
@@ -253,7 +256,8 @@ def measured(phase: str, measure) -> dict:
     try:
         result = {"phase": phase, **measure()}
     except Exception as e:  # noqa: BLE001  any failure of one phase: report it, measure the next
-        traceback.print_exc()
+        if not isinstance(e, (UserError, LoRAError)):  # a bug or the device's limit: its traceback, for the log
+            traceback.print_exc()
         result = {"phase": phase, "error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result), flush=True)
     return result

@@ -53,7 +53,8 @@ def test_a_failing_phase_keeps_the_others_figures(capsys, monkeypatch):
     (["--steps", "nan"], "not an integer"),
     (["--seq-len", "2048"], "cannot exceed"),
     (["--max-new-tokens", "900"], "give at most 774"),
-    (["--data", "x.json", "--seq-len", "64"], "drop one"),
+    (["--data", "no-such.json"], "no file at --data"),
+    (["--data", str(DEV_FILE), "--seq-len", "64"], "drop one"),
     (["--micro-batch-split", "2"], "needs --data"),
 ])
 def test_bench_refuses_bad_flags_before_any_work(argv, cause, capsys):

@@ -1,4 +1,5 @@
 """The speed levers change where the time goes, never the math: each is checked against the plain path on CPU."""
+import importlib
 import itertools
 
 import torch
@@ -9,8 +10,10 @@ from data.prompts import training_sequences
 from data.squad import load_squad_file
 from finetune.model import build_model
 from finetune.step import train_step
+from gpt2 import GPT, generate, preset
 from lora import LoRAConfig, lora_layers
 
+generate_module = importlib.import_module("gpt2.generate")  # the package exports the function by that name
 SEED_LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
 
 
@@ -69,3 +72,24 @@ def test_a_split_step_has_the_unsplit_steps_loss_and_gradient():
     assert torch.allclose(loss_whole, loss_split, rtol=1e-5)
     for k, u in update_whole.items():
         assert u.abs().max() > 0 and torch.allclose(update_split[k], u, rtol=1e-4, atol=1e-7), k
+
+
+def test_batches_of_the_same_shape_reuse_one_cache_and_decode_as_with_a_new_one():
+    """generate() keeps the last batch's KV cache (and on a GPU the decoding graph recorded on it): a batch of the
+    same size and rounded length empties and reuses it, and must decode exactly as with a cache of its own."""
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-tiny")).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.randint(0, 50256, (n,), generator=g).tolist() for n in lengths]
+               for lengths in ([30, 7, 12], [28, 20, 3], [5, 9], [29, 1, 17])]
+    fresh = []
+    for prompts in batches:  # each with a cache of its own
+        generate_module._last_decoding.clear()
+        fresh.append(generate(model, prompts, max_new_tokens=6, eos_id=-1))
+    generate_module._last_decoding.clear()
+    caches = []
+    for prompts, expected in zip(batches, fresh):
+        assert generate(model, prompts, max_new_tokens=6, eos_id=-1) == expected
+        caches.append(generate_module._last_decoding[model].cache)
+    assert caches[1] is caches[0]  # 3 rows, 36 slots rounded to 64: the same shapes
+    assert caches[2] is not caches[1] and caches[3] is not caches[2]  # 2 rows: a new cache; then 3 rows again
