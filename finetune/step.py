@@ -63,6 +63,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: to
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         idx, targets, positions = to_device(batch, device)
+        for tensor in (idx, targets, positions):  # under --compile: sizes vary, so compile for any size at once
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(idx, 1)
         # Only the last micro-batch of a step all-reduces the gradients between GPUs.
         with model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext():
             with autocast(device, dtype):

@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-480}
 DEADLINE=$((SECONDS + BUDGET))
-LOG=${LOG:-/tmp/gpu-check}  # the logs, packed into $OUT after every step
+LOG=${GPU_CHECK_LOG:-/tmp/gpu-check}  # the logs, packed into $OUT after every step
 rm -rf "$LOG" && mkdir -p "$LOG" && : > "$LOG/steps.jsonl"
 GPU="(preflight)"
 

@@ -18,7 +18,7 @@ def test_a_missing_data_folder_stops_the_check_with_one_line_and_a_summary(tmp_p
     out.mkdir()
     done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(out),
-                               "LOG": str(tmp_path / "log"), "GPT2_LORA_SHARED": str(tmp_path / "empty")})
+                               "GPU_CHECK_LOG": str(tmp_path / "log"), "GPT2_LORA_SHARED": str(tmp_path / "empty")})
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "the dev set" in done.stderr and "tiktoken" in done.stderr \
         and "the anchor script" in done.stderr and ".gpu/" in done.stderr
@@ -32,7 +32,7 @@ def test_a_check_stopped_from_outside_still_returns_its_rows(tmp_path):
     out.mkdir()
     process = subprocess.Popen(["bash", "scripts/gpu_check.sh"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
-                                                               "OUT": str(out), "LOG": str(tmp_path / "log")})
+                                                               "OUT": str(out), "GPU_CHECK_LOG": str(tmp_path / "log")})
     for line in process.stdout:  # the preflight's row: the first step has started
         if line.startswith("preflight"):
             break

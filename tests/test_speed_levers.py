@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from conftest import DEV_FILE
-from data.batching import least_padding_split, training_steps
+from data.batching import collate, least_padding_split, training_steps
 from data.prompts import training_sequences
 from data.squad import load_squad_file
 from finetune.model import build_model
@@ -14,6 +14,7 @@ from gpt2 import GPT, generate, preset
 from lora import LoRAConfig, lora_layers
 
 generate_module = importlib.import_module("gpt2.generate")  # the package exports the function by that name
+loss_module = importlib.import_module("gpt2.loss")
 SEED_LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"))
 
 
@@ -93,3 +94,20 @@ def test_batches_of_the_same_shape_reuse_one_cache_and_decode_as_with_a_new_one(
         caches.append(generate_module._last_decoding[model].cache)
     assert caches[1] is caches[0]  # 3 rows, 36 slots rounded to 64: the same shapes
     assert caches[2] is not caches[1] and caches[3] is not caches[2]  # 2 rows: a new cache; then 3 rows again
+
+
+def test_compiled_training_compiles_once_for_every_batch_shape(monkeypatch):
+    """--data batches vary in rows, length and target count (and so in the loss's number of slices): one
+    compilation must serve them all. Dynamo's own tracing (backend "eager") counts graphs without the slow compiler."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(loss_module, "ROWS_PER_SLICE", 64)  # several slices per batch, a different count for each
+    torch._dynamo.reset()
+    model = build_model("gpt2-tiny", "random", 0, 0.1, SEED_LORA, torch.device("cpu"), torch.float32)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    before = counters["stats"]["unique_graphs"]
+    for rows, length in [(2, 40), (2, 56), (3, 70), (5, 100), (4, 130), (2, 30)]:
+        batch = collate([(torch.randint(0, 50000, (length - i,), generator=g).tolist(), 0) for i in range(rows)])
+        train_step(compiled, [batch], optimizer, None, torch.float32, 1.0, torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] - before == 1
