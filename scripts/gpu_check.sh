@@ -7,10 +7,10 @@
 #    to the GPU machine: copy ../shared/{squad_v2,tiktoken_cache,anchors} into .gpu/ first), else it says in one
 #    line what is missing and stops. No download is tried (HF_HUB_OFFLINE=1). The GPU, torch, CUDA and the
 #    attention backends SDPA can use at gpt2 shapes go in the log.
-# 2. The steps, most valuable first, within BUDGET seconds (480) in all: the HF + PEFT anchor and bench.py at gpt2
-#    shapes, batch 16 x 512, r=4 (ours eager with a profile, then compiled); the seed recipe end to end (1200 steps
-#    of 50 sequences cut in two where padding is least, the eval loss on 500 questions every 200 steps) and
-#    evaluate.py on it; answering all 11,873 dev questions; the CUDA tests (a time limit per test); the
+# 2. The steps, most valuable first, within $GPU_CHECK_BUDGET seconds (480) in all: the HF + PEFT anchor and
+#    bench.py at gpt2 shapes, batch 16 x 512, r=4 (ours eager with a profile, then compiled); the seed recipe end to
+#    end (1200 steps of 50 sequences cut in two where padding is least, the eval loss on 500 questions every 200
+#    steps) and evaluate.py on it; answering all 11,873 dev questions; the CUDA tests (a time limit per test); the
 #    gpt2-medium pair; gpt2-xl shapes eager with the base in bf16, then nf4; the seed's steps without the cut.
 #    Each step runs under `timeout -k` (SIGTERM at its limit, SIGKILL 10 s later); a step that no longer fits the
 #    budget is skipped. Every step, run, failed, cut off or skipped, is a row of the summary.
@@ -23,7 +23,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-480}
+BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for everything; the device call gets 590
 DEADLINE=$((SECONDS + BUDGET))
 LOG=${GPU_CHECK_LOG:-/tmp/gpu-check}  # the logs, packed into $OUT after every step
 rm -rf "$LOG" && mkdir -p "$LOG" && : > "$LOG/steps.jsonl"
@@ -107,7 +107,7 @@ trap cut_off TERM INT
 
 step() {  # name, time limit in seconds, command...: runs it under timeout -k, records a row, publishes
   local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - SECONDS))
+  local left=$((DEADLINE - SECONDS - 10))  # the 10 s of grace before SIGKILL come out of the budget too
   t0=$SECONDS current=$name
   (( left < limit )) && limit=$left
   if (( limit < 15 )); then
