@@ -5,7 +5,7 @@
     model.py      the base model with LoRA, for training; the merged model, for answering
     step.py       the optimizer, the learning-rate schedule, one training step, the eval loss
     state.py      a run's directory and checkpoint: what it may hold, sound numbers only, resuming with its settings
-    signals.py    Ctrl-C and SIGTERM: finish the step, save, exit
+    signals.py    how a script ends: one-line errors (install_error_handling); Ctrl-C and SIGTERM: save, exit
     answer.py     batched greedy answers to SQuAD questions, and their no-answer probabilities
     quality.py    EM and F1 while training, and the best adapter so far
     report.py     what a run prints: its settings at the start, a warm-up warning, a summary at the end

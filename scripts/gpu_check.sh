@@ -96,10 +96,10 @@ row preflight ok 0 "$SECONDS" "$(head -2 "$LOG/gpu.txt" | tail -1)"
 publish
 
 # -------------------------------------------------------------------------------------------------------- steps
-running=""
+running="" current="(between steps)" t0=$SECONDS
 cut_off() {  # SIGTERM or Ctrl-C to the script: end the running step, record it, publish what there is
   [[ -n $running ]] && kill -TERM "$running" 2> /dev/null && wait "$running"
-  row "${current:-?}" "cut off" 143 "$((SECONDS - t0))" "the check itself was stopped"
+  row "$current" "cut off" 143 "$((SECONDS - t0))" "the check itself was stopped"
   publish
   exit 143
 }
@@ -117,7 +117,7 @@ step() {  # name, time limit in seconds, command...: runs it under timeout -k, r
     running=$!
     wait "$running"
     local code=$?
-    running=""
+    running="" current="(between steps)"
     case $code in
       0) row "$name" ok 0 "$((SECONDS - t0))" "" ;;
       124|137) row "$name" "timed out" "$code" "$((SECONDS - t0))" "stopped at its limit of ${limit} s" ;;
