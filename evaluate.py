@@ -16,7 +16,9 @@ metric with the right references (`bleu1`); and the seed's own protocol with its
 comparison with the 13.89% it reported. Then a breakdown: answered or abstained, F1 by question word and by gold
 answer length, and the worst answers.
 """
-import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import json
 import math

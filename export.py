@@ -13,6 +13,9 @@ of the same kind (a PEFT adapter, a model of config.json + model.safetensors): n
 anything else.
 Either directory can be uploaded as it is (`hf upload USER/NAME DIR`). The tokenizer is GPT-2's own.
 """
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 from pathlib import Path
 

@@ -6,6 +6,9 @@
 The curves come from the run's log.jsonl (eval F1 when it was trained with --eval-answers); the breakdown from the
 metrics JSON that evaluate.py writes: answered or abstained, and F1 by question word and by gold answer length.
 """
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import json
 from pathlib import Path

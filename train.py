@@ -16,7 +16,9 @@ adapter of the best eval F1 so far). `python train.py --out RUN --resume` needs 
 settings. --out must be new, empty, or a run directory. Ctrl-C or SIGTERM saves a checkpoint and exits; a second
 one quits at once.
 """
-import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import contextlib
 import math
 import os
@@ -181,7 +183,7 @@ def fit(s: Setup, start_step: int, best: float | None, stop: StopRequest) -> Non
     intervals. `best` is the eval F1 to beat for best/ (--eval-answers)."""
     settings, max_steps = s.settings, s.settings.max_steps
     steps = training_steps(s.data.train, settings.micro_batch_size, settings.grad_accum, settings.seed, start_step,
-                           s.rank, s.world)
+                           s.rank, s.world, settings.micro_batch_split)
     bar = tqdm(total=max_steps, initial=start_step, disable=not s.main_process, dynamic_ncols=True)
     s.model.train()
     micro_batches = next(steps)
@@ -313,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             run.check_best()
             settings = settings.resumed(checkpoint.settings, given, run.checkpoint)
         s, start_step = setup(settings, run, checkpoint)
-        stop = StopRequest()  # from here on, Ctrl-C or SIGTERM saves the run
-        fit(s, start_step, run.best_f1(), stop)
+        with StopRequest() as stop:  # from here on, Ctrl-C or SIGTERM saves the run; after, the handlers are back
+            fit(s, start_step, run.best_f1(), stop)
     if s.world > 1:
         dist.destroy_process_group()
 

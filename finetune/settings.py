@@ -90,6 +90,9 @@ class Settings:
                                  defines_run=True)
     grad_accum: int = flag(10, "optimisation", "micro-batches per optimizer step", type=at_least(1),
                            defines_run=True)
+    micro_batch_split: int = flag(1, "optimisation", "cut each micro-batch of length-sorted sequences into K where "
+                                  "padding is least: the same steps, less padding (e.g. 2 with --micro-batch-size 50 "
+                                  "--grad-accum 1)", type=at_least(1), metavar="K", defines_run=True)
     clip: float = flag(1.0, "optimisation", "gradient norm clipping", type=positive)
     seed: int = flag(42, "optimisation", type=at_least(0), defines_run=True)
     # evaluation, logging and checkpoints

@@ -30,11 +30,14 @@ def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> 
     return peak * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`, without waiting: pinned memory lets the copy run alongside the GPU's work, where
+    `torch.tensor(..., device="cuda")` would make the CPU wait until the GPU has finished everything before it."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (batch.input_ids, batch.targets, batch.target_positions)
-    if device.type == "cuda":  # pinned memory lets the copy run alongside the GPU's work
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tensors
+    return tuple(host_to_device(t, device) for t in (batch.input_ids, batch.targets, batch.target_positions))
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
@@ -48,15 +51,21 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: to
     micro-batch more than one in a long micro-batch; summing without dividing, as the seed's library did,
     multiplies the gradient by the number of micro-batches.) So 5 sequences x 10 accumulation steps and 50 x 1
     are the same step: on a GPU, fewer and bigger micro-batches are simply faster."""
-    n_targets = torch.tensor(float(sum(len(b.targets) for b in micro_batches)), device=device)
+    n_targets = sum(len(b.targets) for b in micro_batches)  # counted on the host: no wait for the GPU
     ddp = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)
-    if ddp:
-        dist.all_reduce(n_targets)
-    # DDP averages gradients over GPUs; multiplying by their number turns that average back into our sum.
-    scale = (dist.get_world_size() if ddp else 1) / n_targets
+    if ddp:  # every GPU divides by the whole step's count, which only the GPUs together know
+        count = host_to_device(torch.tensor(float(n_targets)), device)
+        dist.all_reduce(count)
+        # DDP averages gradients over GPUs; multiplying by their number turns that average back into our sum.
+        scale = dist.get_world_size() / count
+    else:
+        scale = 1.0 / n_targets
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         idx, targets, positions = to_device(batch, device)
+        for tensor in (idx, targets, positions):  # under --compile: sizes vary, so compile for any size at once
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(idx, 1)
         # Only the last micro-batch of a step all-reduces the gradients between GPUs.
         with model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext():
             with autocast(device, dtype):

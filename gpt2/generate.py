@@ -1,5 +1,8 @@
 """Batched greedy decoding with a KV cache, replayed as a CUDA graph on a GPU."""
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -7,6 +10,9 @@ from .model import GPT, KVCache
 from .tokenizer import EOS_ID
 
 STOP_CHECK_EVERY = 4  # asking "is every row done?" waits for the GPU; ask every few tokens, not every token
+# KV-cache slots are rounded up to a multiple of this: batches of similar prompt lengths (evaluate.py sorts them)
+# then have the same shapes, and reuse one cache and one captured decoding graph instead of recording their own.
+CACHE_SLOTS_ROUNDED_TO = 32
 
 
 @torch.no_grad()
@@ -86,8 +92,35 @@ def _prefill(model: GPT, prompts: Sequence[Sequence[int]], new_tokens: int) -> t
     for row, p in enumerate(prompts):
         idx[row, T - len(p):] = torch.tensor(p)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)
-    cache = KVCache(model.config, pad, max_len=T + new_tokens, dtype=dtype)
+    max_len = min(limit, -(-(T + new_tokens) // CACHE_SLOTS_ROUNDED_TO) * CACHE_SLOTS_ROUNDED_TO)
+    cache = _reused_cache(model, pad, max_len, dtype)
     return cache, model(idx.to(device, non_blocking=True), cache=cache)
+
+
+@dataclass
+class _Decoding:
+    """A model's last KV cache and, on a GPU, the decoding step captured on it, with what they were made for."""
+    shape: tuple  # batch size, slots, dtype, and where the model's tensors were (a captured graph reads them there)
+    cache: KVCache
+    step: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+# One per model, held no longer than the model: the last batch shape only, so that memory stays one cache's.
+_last_decoding: "weakref.WeakKeyDictionary[GPT, _Decoding]" = weakref.WeakKeyDictionary()
+
+
+def _reused_cache(model: GPT, pad: torch.Tensor, max_len: int, dtype: torch.dtype) -> KVCache:
+    """The model's last cache, emptied, if the last batch had these shapes (and the model's tensors have not
+    moved); else a new one, which replaces it."""
+    shape = (len(pad), max_len, dtype, tuple(t.data_ptr() for t in chain(model.parameters(), model.buffers())))
+    last = _last_decoding.get(model)
+    if last is not None and last.shape == shape:
+        last.cache.reset(pad)
+        return last.cache
+    _last_decoding.pop(model, None)  # free the old cache (and graph) before allocating the new one
+    cache = KVCache(model.config, pad, max_len=max_len, dtype=dtype)
+    _last_decoding[model] = _Decoding(shape, cache)
+    return cache
 
 
 def _decoder(model: GPT, cache: KVCache, token: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -96,9 +129,13 @@ def _decoder(model: GPT, cache: KVCache, token: torch.Tensor) -> Callable[[torch
     Each step is the same ~15 small kernels per layer on the same shapes, so on a GPU the time goes to launching
     them from Python rather than to running them. There the step is recorded once as a CUDA graph and replayed:
     one launch per token. A graph replays fixed memory, hence the static input buffer; the KV cache's state is
-    on the device (KVCache), so replays advance it. On a CPU the step simply runs."""
+    on the device (KVCache), so replays advance it. The graph is kept with the cache it was recorded on, and the
+    next batch of the same shapes, which reuses that cache, replays it too. On a CPU the step simply runs."""
     if token.device.type != "cuda":
         return lambda t: model(t[:, None], cache=cache)
+    decoding = _last_decoding[model]
+    if decoding.step is not None and decoding.cache is cache:  # recorded on this cache for an earlier batch
+        return decoding.step
     static_token = token[:, None].clone()  # (B, 1)
     length = cache.length.clone()
     stream = torch.cuda.Stream()
@@ -115,6 +152,7 @@ def _decoder(model: GPT, cache: KVCache, token: torch.Tensor) -> Callable[[torch
         static_token.copy_(t[:, None])
         graph.replay()
         return static_logits
+    decoding.step = step
     return step
 
 

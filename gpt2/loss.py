@@ -40,5 +40,9 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+# Under torch.compile this runs as written, outside the compiled graph: the number of slices depends on the batch's
+# target count, and a compiled loop over them would be compiled again for every new count. Its work is the two
+# large matmuls and the softmax slices, which the compiler would not make faster.
+@torch.compiler.disable
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return HeadCrossEntropy.apply(hidden, weight, targets)

@@ -64,6 +64,14 @@ class KVCache:
         self.length = torch.zeros((), dtype=torch.long, device=pad.device)  # slots filled so far
         self.slots = torch.arange(max_len, device=pad.device)  # (max_len,)
 
+    def reset(self, pad: torch.Tensor) -> None:
+        """Empty the cache for a new batch of the same size, in place: the same memory, so that a decoding step
+        recorded on it as a CUDA graph can be replayed for the new batch too."""
+        self.k.zero_()
+        self.v.zero_()
+        self.pad.copy_(pad)
+        self.length.zero_()
+
     def next_slots(self, T: int) -> torch.Tensor:
         """The slots the next T tokens go into, (T,)."""
         return self.length + self.slots[:T]

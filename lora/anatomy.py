@@ -38,6 +38,7 @@ import torch
 
 from .checkpoint import load_adapter, recorded_config
 from .dora import DoRALinear
+from .errors import LoRAError
 from .layer import LoRALinear
 
 RANK_RTOL = 1e-2  # a direction counts when its singular value is at least 1% of the largest
@@ -266,4 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except LoRAError as e:  # the user's input needs changing: one line, not a traceback (as the scripts do)
+        sys.exit(f"error: {e}")

@@ -19,7 +19,7 @@ from data.prompts import training_sequences
 from data.squad import load_squad_file
 from finetune.answer import answer
 from finetune.model import build_model, load_answerer
-from finetune.step import train_step
+from finetune.step import make_optimizer, train_step
 from gpt2 import generate, load_model
 from gpt2.loss import head_cross_entropy
 from lora import LoRAConfig, load_adapter, lora_layers
@@ -66,6 +66,21 @@ def test_half_precision_step_matches_fp32(dtype, short_dev_file):
     errors = {k: relative_error(update16[k], update32[k]) for k in update32}
     assert max(errors.values()) < 3e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
+
+
+def test_training_step_never_makes_the_cpu_wait(short_dev_file):
+    """The README's "no per-step host sync": CUDA's sync debug mode raises at any call in the step that would make
+    the CPU wait for the GPU (a .item(), a tensor built from a Python number on the GPU, a blocking copy)."""
+    sequences, _ = training_sequences(load_squad_file(short_dev_file), 1024, True, "all", seed=0)
+    model = build_model("gpt2-tiny", "random", 0, 0.1, SEED_LORA, CUDA, torch.bfloat16)
+    optimizer = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.0, CUDA)
+    steps = [[collate(sequences[:4]), collate(sequences[4:8])]] * 2
+    train_step(model, steps[0], optimizer, None, torch.bfloat16, 1.0, CUDA)  # first call: allocations, state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(model, steps[1], optimizer, None, torch.bfloat16, 1.0, CUDA)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 def test_head_cross_entropy_in_bf16_matches_fp32_cross_entropy():
     torch.manual_seed(0)

@@ -152,6 +152,7 @@ def run_offline(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
     env.pop("HF_HUB_CACHE", None)
+    code = "from finetune.signals import install_error_handling; install_error_handling()\n" + code  # as scripts do
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -269,8 +269,9 @@ def test_no_lora_module_shadows_the_standard_library():
 
 
 def test_lora_errors_print_one_line_beside_gpt2s(tmp_path):
-    """Both packages' user errors print as one line, whichever package installed its hook first."""
-    script = ("import gpt2, lora, torch, sys\n"
+    """Both packages' user errors print as one line in a script (which installs the error handling first)."""
+    script = ("from finetune.signals import install_error_handling; install_error_handling()\n"
+              "import gpt2, lora, torch, sys\n"
               "lora.LoRAConfig(targets=('q_proj',))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
