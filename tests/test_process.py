@@ -16,8 +16,8 @@ TINY = ["--model", "gpt2-tiny", "--init", "random", "--device", "cpu", "--micro-
 
 def test_importing_the_packages_leaves_the_excepthook_alone():
     code = ("import sys; hook = sys.excepthook\n"
-            "import gpt2, gpt2.errors, lora, lora.errors, lora.inspect, data.batching, data.squad, data.prompts\n"
-            "import finetune.signals, finetune.step, finetune.model, finetune.adapters, finetune.answer\n"
+            "import gpt2, gpt2.errors, lora, lora.errors, lora.anatomy, data.batching, data.squad, data.prompts\n"
+            "import finetune.signals, finetune.step, finetune.model, finetune.adapters, finetune.answer, finetune.run\n"
             "assert sys.excepthook is hook, sys.excepthook")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
