@@ -27,7 +27,7 @@ from pathlib import Path
 from data.breakdown import breakdown, breakdown_markdown, to_markdown
 from data.metrics import (best_thresholds, bleu1, correct_references, seed_references, seed_subset_indices,
                           squad_v2_scores)
-from data.prompts import NO_ANSWER
+from data.prompts import NO_ANSWER, WINOGRAD
 from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
@@ -42,7 +42,6 @@ from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
-WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too small.", "What is too small?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -105,18 +105,32 @@ def load_adapted_model(checkpoint: str, model_name: str | None = None, strict: b
     `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter. A run's base whose
     weights differ from those it was trained on is a warning, or with `strict` an error (a PEFT adapter records
     no fingerprint of its base)."""
+    model = load_model(*base_model_of(checkpoint, model_name))
+    add_adapter(model, checkpoint, strict)
+    return model
+
+
+def base_model_of(checkpoint: str, model_name: str | None = None) -> tuple[str, str, int]:
+    """load_model's arguments (name or path, init, seed) for the base an adapter belongs on: `model_name` if given
+    (pretrained), else a run's recorded base, else a PEFT adapter's base_model_name_or_path."""
+    if model_name:
+        return model_name, "pretrained", 0
     path = Path(checkpoint)
     if path.is_file() or (path / CHECKPOINT).is_file():
-        run = load_adapter(path if path.is_file() else path / CHECKPOINT)
-        base = run["base"]
-        model = load_model(model_name) if model_name else load_model(base["model"], base["init"], base["seed"])
-        apply_adapter(model, run, strict)
-        return model
-    peft_config, tensors = read_peft_adapter(checkpoint)
-    base_name = model_name or peft_config.get("base_model_name_or_path")
+        base = load_adapter(path if path.is_file() else path / CHECKPOINT)["base"]
+        return base["model"], base["init"], base["seed"]
+    base_name = read_peft_adapter(checkpoint)[0].get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
                         f"--model")
-    model = load_model(base_name)
-    apply_peft(model, peft_config, tensors)
-    return model
+    return base_name, "pretrained", 0
+
+
+def add_adapter(model: GPT, checkpoint: str, strict: bool = False) -> None:
+    """Give `model` the LoRA layers of a train.py run or a PEFT adapter (directory or Hub id), in place; a run's
+    recorded base fingerprint is checked against `model` (a warning, or with `strict` an error)."""
+    path = Path(checkpoint)
+    if path.is_file() or (path / CHECKPOINT).is_file():
+        apply_adapter(model, load_adapter(path if path.is_file() else path / CHECKPOINT), strict)
+    else:
+        apply_peft(model, *read_peft_adapter(checkpoint))
