@@ -14,6 +14,7 @@ timed with synchronisation. Prints a table, then one JSON line.
 import argparse
 import json
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -22,10 +23,12 @@ from data.prompts import training_sequences
 from data.squad import load_squad_file
 from finetune.answer import answer
 from finetune.model import build_model
+from finetune.multi import shared_copy
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.step import make_optimizer, train_step
-from gpt2 import GPT, generate
-from lora import LoRAConfig, merge_lora
+from gpt2 import GPT, generate, load_model
+from lora import LoRAConfig, apply_lora, lora_layers, merge_lora
+from lora.multi import adapter_per_row, apply_multi_lora
 from lora.quant import MODES, weight_bytes
 
 # train.py's defaults, which the bench times: the seed's LoRA targets and dropouts, AdamW, clipping.
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answers", type=int, help="questions to answer (default: 512 on GPU, 32 on CPU; 0: skip)")
     p.add_argument("--answer-batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--mixed-adapters", type=int, nargs="+", metavar="N", help="also answer with N adapters mixed in "
+                   "one batch against one adapter at a time (serve.py's batching), for each N given, e.g. 1 4 16")
     return p.parse_args(argv)
 
 
@@ -174,6 +179,56 @@ def bench_answering(args: argparse.Namespace, device: torch.device, dtype: torch
             "max_new_tokens": args.max_new_tokens, "answer_batch_size": args.answer_batch_size}
 
 
+def bench_mixed_adapters(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """Answers/s of serve.py's path (lora/multi.py: the base unmerged, each row its own adapter) with N random
+    adapters, for each N of --mixed-adapters: the same --answers questions, spread evenly over the adapters, answered
+    (a) mixed: batches of --answer-batch-size rows whatever their adapter; (b) one adapter at a time: each
+    adapter's questions in batches of their own, as a server without mixed batching must. Both must give the same
+    tokens (`same_answers`)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50256, (int(n),), generator=g).tolist()
+               for n in torch.randint(150, 250, (args.answers,), generator=g)]
+    longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # as evaluate.py batches them
+    results = []
+    for n in args.mixed_adapters:
+        base = load_model(args.model, "random", seed=0)
+        adapted = [shared_copy(base) for _ in range(n)]
+        for copy in adapted:
+            apply_lora(copy, **asdict(lora_config(args.rank)))
+            for layer in lora_layers(copy):  # a trained B is not 0: random ones, so each adapter answers its own way
+                layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.1
+        model = apply_multi_lora(base, adapted).to(device, dtype).eval()
+        adapter_of = [i % n for i in range(len(prompts))]
+
+        def answer_in_batches(questions: list[int]) -> dict[int, list[int]]:
+            answers = {}
+            for start in range(0, len(questions), args.answer_batch_size):
+                batch = questions[start:start + args.answer_batch_size]
+                with adapter_per_row(model, torch.tensor([adapter_of[i] for i in batch], device=device)):
+                    answers |= zip(batch, generate(model, [prompts[i] for i in batch], args.max_new_tokens))
+            return answers
+
+        def one_adapter_at_a_time() -> dict[int, list[int]]:
+            answers = {}
+            for a in range(n):
+                answers |= answer_in_batches([i for i in longest_first if adapter_of[i] == a])
+            return answers
+
+        speeds, answers = {}, {}
+        for name, run in (("mixed", lambda: answer_in_batches(longest_first)),
+                          ("one_adapter_at_a_time", one_adapter_at_a_time)):
+            run()  # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            answers[name] = run()
+            synchronize(device)
+            speeds[name] = round(len(prompts) / (time.perf_counter() - start), 1)
+        results.append({"adapters": n, "mixed_answers_per_s": speeds["mixed"],
+                        "one_adapter_at_a_time_answers_per_s": speeds["one_adapter_at_a_time"],
+                        "same_answers": answers["mixed"] == answers["one_adapter_at_a_time"]})
+    return {"mixed_adapters": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -185,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     result = bench_training(args, device, dtype)
     if args.answers:
         result |= bench_answering(args, device, dtype)
+    if args.answers and args.mixed_adapters:
+        result |= bench_mixed_adapters(args, device, dtype)
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
     print(json.dumps(result))

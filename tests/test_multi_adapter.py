@@ -1,9 +1,11 @@
 """Mixed-adapter batching: each row of one batch with its own adapter gives what that adapter gives alone."""
+import json
 from dataclasses import asdict
 
 import pytest
 import torch
 
+import bench
 from conftest import DEV_FILE, random_run, randomize
 from data.squad import SquadExample, load_squad_file
 from finetune.answer import answer, no_answer_probability
@@ -115,3 +117,12 @@ def test_adapters_of_different_bases_are_refused(tmp_path):
     with pytest.raises(UserError, match="differently quantized"):
         load_adapters([plain, random_run(tmp_path / "c", VARIANTS["plain"], 2, quantize="int8")], None,
                       torch.device("cpu"), torch.float32)
+
+
+def test_bench_answers_mixed_and_one_adapter_at_a_time_alike(capsys):
+    bench.main(["--model", "gpt2-tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "64", "--answers", "8",
+                "--answer-batch-size", "4", "--max-new-tokens", "4", "--mixed-adapters", "1", "4"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["adapters"] for r in result["mixed_adapters"]] == [1, 4]
+    for r in result["mixed_adapters"]:
+        assert r["same_answers"] is True and r["mixed_answers_per_s"] > 0 and r["one_adapter_at_a_time_answers_per_s"] > 0
