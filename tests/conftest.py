@@ -94,13 +94,14 @@ def short_dev_file(tmp_path_factory) -> Path:
     return path
 
 
-def randomize(model, seed: int) -> None:
-    """B away from 0 (and DoRA's m away from ||W||): a zero B would make every adapter equal the base."""
+def randomize(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Random B and, for DoRA, m away from ||W||: LayerNorm would cancel constant values, and B = 0 or m = ||W||
+    would leave parts of the formula untested."""
     from lora import DoRALinear, lora_layers
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
             if isinstance(layer, DoRALinear):
                 layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(layer.out_features, generator=g))
 
@@ -114,7 +115,7 @@ def random_run(directory: Path, config, seed: int, quantize: str = "none", base_
     model = load_model("gpt2-tiny", "random", seed=base_seed)
     fingerprint = base_fingerprint(model)
     apply_lora(model, **asdict(config))
-    randomize(model, seed)
+    randomize(model, seed, scale=0.5)  # adapters far enough apart to answer differently
     save_adapter(directory / "checkpoint.pt", model, config,
                  {"model": "gpt2-tiny", "init": "random", "seed": base_seed, "quantize": quantize,
                   "config": vars(model.config), "fingerprint": fingerprint})

@@ -33,7 +33,7 @@ def adapted_copies(base: GPT, configs: list[LoRAConfig]) -> list[GPT]:
     for seed, config in enumerate(configs, start=1):
         copy = shared_copy(base)
         apply_lora(copy, **asdict(config))
-        randomize(copy, seed)
+        randomize(copy, seed, scale=0.5)
         copies.append(copy.eval())
     return copies
 
