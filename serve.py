@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     model, infos = load_adapters(args.checkpoint, args.model, device, dtype)
+    get_tokenizer()  # offline without its files, fail now rather than at every request
     batcher = Batcher(model_rows(model, infos), args.max_batch_rows, args.max_wait_ms / 1000, args.max_queue)
     for info in infos:
         print(f"adapter {info.name}: {info.variant}, rank {info.rank}, {', '.join(info.targets)}")
