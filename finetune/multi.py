@@ -49,6 +49,8 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 def describe(name: str, index: int, adapted: nn.Module, quantize: str, fingerprint: str,
              add_eos: bool) -> AdapterInfo:
+    """What `adapted` (a copy of the base with one adapter's LoRA layers) is, read from its layers: a PEFT adapter
+    has no LoRAConfig, and its ranks may differ per module (the largest is shown)."""
     layers = {module: m for module, m in adapted.named_modules() if isinstance(m, LoRALinear)}
     first = next(iter(layers.values()))
     variant = "dora" if isinstance(first, DoRALinear) else "lora"
