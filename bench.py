@@ -30,10 +30,12 @@ from data.squad import load_squad_file
 from finetune.answer import answer
 from finetune.cli import at_least, given_flags, resolve_device
 from finetune.model import build_model
+from finetune.multi import shared_copy
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.step import make_optimizer, train_step
-from gpt2 import GPT, UserError, generate
-from lora import LoRAConfig, LoRAError, merge_lora
+from gpt2 import GPT, UserError, generate, load_model
+from lora import LoRAConfig, LoRAError, apply_lora, lora_layers, merge_lora
+from lora.multi import adapter_per_row, apply_multi_lora
 from lora.quant import MODES, weight_bytes
 
 # train.py's defaults, which the bench times: the seed's LoRA targets and dropouts, AdamW, clipping.
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-batch-size", type=at_least(1), default=256)
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="at most 774: random prompts are up to 250 "
                    "tokens, in a 1024-token context")
+    p.add_argument("--mixed-adapters", type=at_least(1), nargs="+", metavar="N", help="also answer with N adapters "
+                   "mixed in one batch against one adapter at a time (serve.py's batching), for each N given, e.g. 1 4 16")
     args = p.parse_args(argv)
     given = given_flags(p, argv, args)
     if args.seq_len > MAX_LEN:
@@ -263,6 +267,56 @@ def measured(phase: str, measure) -> dict:
     return result
 
 
+def bench_mixed_adapters(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """Answers/s of serve.py's path (lora/multi.py: the base unmerged, each row its own adapter) with N random
+    adapters, for each N of --mixed-adapters: the same --answers questions, spread evenly over the adapters, answered
+    (a) mixed: batches of --answer-batch-size rows whatever their adapter; (b) one adapter at a time: each
+    adapter's questions in batches of their own, as a server without mixed batching must. Both must give the same
+    tokens (`same_answers`)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50256, (int(n),), generator=g).tolist()
+               for n in torch.randint(150, 250, (args.answers,), generator=g)]
+    longest_first = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # as evaluate.py batches them
+    results = []
+    for n in args.mixed_adapters:
+        base = load_model(args.model, "random", seed=0)
+        adapted = [shared_copy(base) for _ in range(n)]
+        for copy in adapted:
+            apply_lora(copy, lora_config(args.rank))
+            for layer in lora_layers(copy):  # a trained B is not 0: random ones, so each adapter answers its own way
+                layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.1
+        model = apply_multi_lora(base, adapted).to(device, dtype).eval()
+        adapter_of = [i % n for i in range(len(prompts))]
+
+        def answer_in_batches(questions: list[int]) -> dict[int, list[int]]:
+            answers = {}
+            for start in range(0, len(questions), args.answer_batch_size):
+                batch = questions[start:start + args.answer_batch_size]
+                with adapter_per_row(model, torch.tensor([adapter_of[i] for i in batch], device=device)):
+                    answers |= zip(batch, generate(model, [prompts[i] for i in batch], args.max_new_tokens))
+            return answers
+
+        def one_adapter_at_a_time() -> dict[int, list[int]]:
+            answers = {}
+            for a in range(n):
+                answers |= answer_in_batches([i for i in longest_first if adapter_of[i] == a])
+            return answers
+
+        speeds, answers = {}, {}
+        for name, run in (("mixed", lambda: answer_in_batches(longest_first)),
+                          ("one_adapter_at_a_time", one_adapter_at_a_time)):
+            run()  # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            answers[name] = run()
+            synchronize(device)
+            speeds[name] = round(len(prompts) / (time.perf_counter() - start), 1)
+        results.append({"adapters": n, "mixed_answers_per_s": speeds["mixed"],
+                        "one_adapter_at_a_time_answers_per_s": speeds["one_adapter_at_a_time"],
+                        "same_answers": answers["mixed"] == answers["one_adapter_at_a_time"]})
+    return {"mixed_adapters": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -292,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(measured("padding", lambda: count_padding(args)))
     if args.answers:
         results.append(measured("answering", lambda: bench_answering(args, device, dtype)))
+    if args.answers and args.mixed_adapters:
+        results.append(measured("mixed_adapters", lambda: bench_mixed_adapters(args, device, dtype)))
     table = {k: v for r in results for k, v in r.items() if k not in ("phase", "top_self_time")}
     width = max(len(k) for k in table)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in table.items()))

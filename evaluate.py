@@ -32,8 +32,9 @@ import torch
 from data.breakdown import breakdown, breakdown_markdown, to_markdown
 from data.metrics import (best_thresholds, bleu1, correct_references, seed_references, seed_subset_indices,
                           squad_v2_scores)
-from data.prompts import NO_ANSWER
+from data.prompts import NO_ANSWER, WINOGRAD
 from data.squad import FILE_NAMES, SquadExample, load_split
+from finetune.adapters import trained_with_eos
 from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
@@ -47,7 +48,6 @@ from lora.quant import MODES
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873
-WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too small.", "What is too small?")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,9 +266,8 @@ def score_checkpoint(args: argparse.Namespace, run: Checkpoint | None, device: t
     model = answerer(args, run, device, dtype)
     examples, seed_positions = select(load_split("eval", args.data_dir, args.eval_file), args)
     start = time.perf_counter()
-    trained_with_eos = run is None or run.settings is None or not run.settings.no_eos  # train.py's default: EOS
     probabilities = no_answer_probability(model, examples, args.batch_size, args.max_new_tokens,
-                                          add_eos=trained_with_eos)
+                                          add_eos=trained_with_eos(run))
     na_probs = {ex.id: p for ex, p in zip(examples, probabilities)}
     not_numbers = [qid for qid, p in na_probs.items() if not math.isfinite(p)]
     if not_numbers:  # a NaN would be written as a bare NaN, which is not JSON, and every answer is garbage

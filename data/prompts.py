@@ -16,6 +16,8 @@ from .squad import SquadExample
 NO_ANSWER = "Cannot Find Answer"  # what the seed trains the model to say to an unanswerable question
 ANSWER_MARKER = "\n\nANSWER:\n"
 LOSS_ON = ("all", "answer")
+# The seed's qualitative example (a Winograd schema); the seed answered "the brown suitcase."
+WINOGRAD = ("The trophy doesn't fit into the brown suitcase because it's too small.", "What is too small?")
 
 
 def format_text(context: str, question: str, answer: str = "") -> str:

@@ -90,21 +90,52 @@ def load_adapted_model(checkpoint: str | Checkpoint, model_name: str | None = No
     `model_name` (a Hub id or a path) replaces the recorded base; its shape must fit the adapter. A run's base whose
     weights differ from those it was trained on is a warning, or with `strict` an error (a PEFT adapter records
     no fingerprint of its base)."""
-    if not isinstance(checkpoint, Checkpoint) and checkpoint_path(checkpoint):
-        checkpoint = read_checkpoint(checkpoint)
-    if isinstance(checkpoint, Checkpoint):
-        base = checkpoint.base
-        model = load_model(model_name) if model_name else load_model(base.model, base.init, base.seed)
-        apply_adapter(model, checkpoint.lora, strict)
-        return model
-    peft_config, tensors = read_peft_adapter(checkpoint)
-    base_name = model_name or peft_config.get("base_model_name_or_path")
+    adapter = read_adapter(checkpoint)
+    model = load_model(*base_model_of(adapter, model_name))
+    add_adapter(model, adapter, strict)
+    return model
+
+
+def read_adapter(checkpoint: str | Checkpoint) -> str | Checkpoint:
+    """A train.py run (its directory or checkpoint.pt) as its Checkpoint, read once; a PEFT adapter (a directory or
+    a Hub id) as it was named: its files are read where they are used."""
+    if isinstance(checkpoint, Checkpoint) or not checkpoint_path(checkpoint):
+        return checkpoint
+    return read_checkpoint(checkpoint)
+
+
+def base_model_of(adapter: str | Checkpoint, model_name: str | None = None) -> tuple[str, str, int]:
+    """load_model's arguments (name or path, init, seed) for the base an adapter belongs on: `model_name` if given
+    (pretrained), else a run's recorded base, else a PEFT adapter's base_model_name_or_path."""
+    if model_name:
+        return model_name, "pretrained", 0
+    if isinstance(adapter, Checkpoint):
+        return adapter.base.model, adapter.base.init, adapter.base.seed
+    base_name = read_peft_adapter(adapter)[0].get("base_model_name_or_path")
     if not base_name:
-        raise UserError(f"{checkpoint} names no base model (base_model_name_or_path is empty): pass the base with "
+        raise UserError(f"{adapter} names no base model (base_model_name_or_path is empty): pass the base with "
                         f"--model")
     if base_name in PRESETS and base_name not in HUB_MODELS:  # gpt2's own advice (train.py's --init) fits no reader
-        raise UserError(f"{checkpoint} names {base_name} as its base, a shape without pretrained weights: pass the "
+        raise UserError(f"{adapter} names {base_name} as its base, a shape without pretrained weights: pass the "
                         f"base it was trained on with --model")
-    model = load_model(base_name)
-    apply_peft(model, peft_config, tensors, source=checkpoint)
-    return model
+    return base_name, "pretrained", 0
+
+
+def add_adapter(model: GPT, adapter: str | Checkpoint, strict: bool = False) -> None:
+    """Give `model` the LoRA layers of a train.py run or a PEFT adapter (directory or Hub id), in place; a run's
+    recorded base fingerprint is checked against `model` (a warning, or with `strict` an error)."""
+    if isinstance(adapter, Checkpoint):
+        apply_adapter(model, adapter.lora, strict)
+    else:
+        apply_peft(model, *read_peft_adapter(adapter), source=adapter)
+
+
+def recorded_quantization(adapter: str | Checkpoint) -> str:
+    """How the base of a train.py run was quantized ("none", "int8", "nf4"); "none" for a PEFT adapter."""
+    return adapter.base.quantize if isinstance(adapter, Checkpoint) else "none"
+
+
+def trained_with_eos(adapter: str | Checkpoint | None) -> bool:
+    """Whether the adapter learned to write EOS after its answers (a train.py run without --no-eos). A PEFT adapter,
+    a run too old to record its settings, or none, gets train.py's default: yes."""
+    return not (isinstance(adapter, Checkpoint) and adapter.settings is not None and adapter.settings.no_eos)

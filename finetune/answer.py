@@ -40,19 +40,26 @@ def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_to
 
     Says on stderr how many contexts were cut to fit.
     """
-    enc = get_tokenizer()
     prompts, cut = prompt_tokens(examples, model.config.block_size, max_new_tokens)
     if cut:
         print(f"note: {cut} of {len(prompts)} context(s) cut at the end to fit {model.config.block_size - max_new_tokens} "
               f"prompt tokens ({model.config.block_size} minus {max_new_tokens} for the answer): their answers come "
               f"from the part that fits", file=sys.stderr)
-    stop = [enc.encode_ordinary(ANSWER_MARKER)]
-    forbid = [answer_tokens(NO_ANSWER, add_eos=False)[0], EOS_ID] if forbid_abstention else ()
 
     def answer_batch(batch: list[list[int]]) -> list[str]:
-        outputs = generate(model, batch, max_new_tokens, stop_sequences=stop, forbid_first=forbid)
-        return [clean_answer(enc.decode(tokens)) for tokens in outputs]
+        return answer_prompts(model, batch, max_new_tokens, forbid_abstention)
     return _longest_first(prompts, batch_size, answer_batch, "answering", progress)
+
+
+@torch.no_grad()
+def answer_prompts(model: GPT, prompts: list[list[int]], max_new_tokens: int,
+                   forbid_abstention: bool = False) -> list[str]:
+    """answer()'s work on one batch of prompt tokens: greedy decoding up to a repeated "ANSWER:" marker."""
+    enc = get_tokenizer()
+    stop = [enc.encode_ordinary(ANSWER_MARKER)]
+    forbid = [answer_tokens(NO_ANSWER, add_eos=False)[0], EOS_ID] if forbid_abstention else ()
+    outputs = generate(model, prompts, max_new_tokens, stop_sequences=stop, forbid_first=forbid)
+    return [clean_answer(enc.decode(tokens)) for tokens in outputs]
 
 
 @torch.no_grad()
@@ -65,13 +72,26 @@ def no_answer_probability(model: GPT, examples: list[SquadExample], batch_size: 
 
     The prompts are answer()'s for the same `max_new_tokens` (contexts shortened alike), so na_prob speaks of the
     very prompts that are answered."""
-    abstention = answer_tokens(NO_ANSWER, add_eos)
-    prompts, _ = prompt_tokens(examples, model.config.block_size, max(max_new_tokens, len(abstention)))
+    prompts = no_answer_prompts(examples, model.config.block_size, max_new_tokens, add_eos)
 
     def probabilities(batch: list[list[int]]) -> list[float]:
-        # exp in float64: a confident model's na_prob can be far below fp32's smallest number.
-        return [math.exp(lp) for lp in continuation_log_prob(model, batch, abstention).tolist()]
+        return abstention_probabilities(model, batch, add_eos)
     return _longest_first(prompts, batch_size, probabilities, "no-answer probabilities", progress)
+
+
+def no_answer_prompts(examples: Sequence[SquadExample], block_size: int, max_new_tokens: int,
+                      add_eos: bool) -> list[list[int]]:
+    """The prompts na_prob scores: answer()'s, with room for the abstention if it is longer than max_new_tokens."""
+    abstention = answer_tokens(NO_ANSWER, add_eos)
+    return prompt_tokens(examples, block_size, max(max_new_tokens, len(abstention)))[0]
+
+
+@torch.no_grad()
+def abstention_probabilities(model: GPT, prompts: list[list[int]], add_eos: bool) -> list[float]:
+    """no_answer_probability()'s work on one batch of prompt tokens."""
+    abstention = answer_tokens(NO_ANSWER, add_eos)
+    # exp in float64: a confident model's na_prob can be far below fp32's smallest number.
+    return [math.exp(lp) for lp in continuation_log_prob(model, prompts, abstention).tolist()]
 
 
 def answer_with_threshold(model: GPT, examples: list[SquadExample], na_probs: Sequence[float], threshold: float,

@@ -111,3 +111,31 @@ def short_dev_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("squad") / "short16.json"
     path.write_text(json.dumps(data))
     return path
+
+
+def randomize(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Random B and, for DoRA, m away from ||W||: LayerNorm would cancel constant values, and B = 0 or m = ||W||
+    would leave parts of the formula untested."""
+    from lora import DoRALinear, lora_layers
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+            if isinstance(layer, DoRALinear):
+                layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(layer.out_features, generator=g))
+
+
+def random_run(directory: Path, config, seed: int, quantize: str = "none", base_seed: int = 0) -> str:
+    """A train.py-format run of gpt2-tiny (random init) with a random adapter (LoRAConfig `config`, random B from
+    `seed`), saved as train.py saves it: cheaper than training one."""
+    from dataclasses import asdict
+    from gpt2 import load_model
+    from lora import apply_lora, base_fingerprint, save_adapter
+    model = load_model("gpt2-tiny", "random", seed=base_seed)
+    fingerprint = base_fingerprint(model)
+    apply_lora(model, **asdict(config))
+    randomize(model, seed, scale=0.5)  # adapters far enough apart to answer differently
+    save_adapter(directory / "checkpoint.pt", model, config,
+                 {"model": "gpt2-tiny", "init": "random", "seed": base_seed, "quantize": quantize,
+                  "config": vars(model.config), "fingerprint": fingerprint})
+    return str(directory)

@@ -5,23 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import IDX, SEED_LORA, TINY_SHAPE, random_hf_gpt2, rel_err, save_hub_layout, tiny_base, tiny_model
+from conftest import (IDX, SEED_LORA, TINY_SHAPE, random_hf_gpt2, randomize, rel_err, save_hub_layout, tiny_base,
+                      tiny_model)
 from gpt2 import GPT, from_pretrained, preset
 from lora import (DoRALinear, LoRAConfig, apply_adapter, apply_lora, load_adapter, load_lora_state_dict, lora_layers,
                   lora_state_dict, loraplus_param_groups, merge_lora, parameter_report, save_adapter, unmerge_lora)
 
 TARGETS = torch.roll(IDX, -1, dims=1)
-
-
-def randomize(model, seed: int = 1) -> None:
-    """Random B and, for DoRA, m away from ||W||: LayerNorm would cancel constant values, and B = 0 or m = ||W||
-    would leave parts of the formula untested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-            if isinstance(layer, DoRALinear):
-                layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(layer.out_features, generator=g))
 
 
 def loss(logits):
