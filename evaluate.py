@@ -30,7 +30,7 @@ from data.metrics import (best_thresholds, bleu1, correct_references, seed_refer
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
-from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
+from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer, timing
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             answers = answer_with_threshold(model, examples, probabilities, args.na_threshold, args.batch_size,
                                             args.max_new_tokens)
         seconds = time.perf_counter() - start
-        print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second); "
-              f"their no-answer probabilities took {na_seconds:.1f} s")
+        decoded = len(examples) if args.na_threshold is None else sum(p <= args.na_threshold for p in probabilities)
+        print(timing(decoded, len(examples), seconds, na_seconds))
         predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
         show_examples(examples, answers, args.examples)
         print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "
