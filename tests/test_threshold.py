@@ -1,9 +1,12 @@
 """The threshold's answers are never abstentions, in any spelling, even from a model trained only to abstain."""
 import json
+import subprocess
+import sys
 
 import torch
 
 import train
+from conftest import DEV_FILE, ROOT
 from data.prompts import NO_ANSWER
 from finetune.answer import answer, answer_with_threshold, is_abstention, timing, without_abstention
 from finetune.model import load_answerer
@@ -46,3 +49,22 @@ def test_the_answering_time_has_a_rate_only_where_answers_were_decoded():
     assert timing(0, 5952, 0.0, 3.2) == ("answered 0 of 5952 questions in 0.0 s, the threshold abstained on the other "
                                          "5952; the no-answer probabilities took 3.2 s")
     assert "(20.0 per second)" in timing(100, 100, 5.0, 1.0) and "abstained" not in timing(100, 100, 5.0, 1.0)
+
+
+def split(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "split_squad.py"), *args], capture_output=True,
+                          text=True)
+
+
+def test_split_halves_go_where_named_and_replace_nothing_unasked(tmp_path):
+    source = tmp_path / "dev.json"
+    source.write_bytes(DEV_FILE.read_bytes())
+    a, b = tmp_path / "runs" / "a.json", tmp_path / "runs" / "b.json"
+    assert split(str(source), str(a), str(b)).returncode == 0 and a.is_file() and b.is_file()  # runs/ made
+    a.write_text("mine")
+    refused = split(str(source), str(a), str(b))
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr and a.read_text() == "mine"
+    assert split(str(source), str(a), str(b), "--overwrite").returncode == 0 and a.read_text() != "mine"
+    onto_input = split(str(source), str(source), str(b), "--overwrite")
+    assert onto_input.returncode != 0 and "being split" in onto_input.stderr
+    assert source.read_bytes() == DEV_FILE.read_bytes()
