@@ -1,8 +1,17 @@
-"""A fresh clone works without network: the tokenizer comes from the repository's own BPE files."""
+"""A fresh clone works without network: the tokenizer comes from the repository's own BPE files, and the
+repository is an installable package."""
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
 import tiktoken
 
-from conftest import DEV_FILE
+from conftest import DEV_FILE, ROOT
 from gpt2 import EOS_ID, get_tokenizer
+
+PACKAGES = ("gpt2", "lora", "data", "finetune")
 
 
 def test_the_shipped_bpe_files_build_tiktokens_gpt2_encoding():
@@ -13,3 +22,27 @@ def test_the_shipped_bpe_files_build_tiktokens_gpt2_encoding():
     text = DEV_FILE.read_text(encoding="utf-8")[:200_000]  # contexts, questions, JSON punctuation, unicode
     assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
     assert ours.encode("a<|endoftext|>", allowed_special="all") == [64, EOS_ID]
+
+
+def requirement_lines(path) -> list[str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("-r")]
+
+
+def test_the_package_installs_the_four_packages_with_the_bpe_files_and_the_requirements(tmp_path):
+    """`pip install -e .` reads the same pyproject.toml as a wheel build: build one, offline, from a copy of the
+    repository (the build writes beside its sources), and look inside."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == requirement_lines(ROOT / "requirements.txt")
+    assert set(requirement_lines(ROOT / "requirements-test.txt")) <= set(project["optional-dependencies"]["tests"])
+    source = tmp_path / "source"
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.startswith("gpt2_lora-")} == set(PACKAGES)
+    assert {"gpt2/bpe/vocab.bpe", "gpt2/bpe/encoder.json", "gpt2/bpe/LICENSE", "lora/layer.py"} <= set(names)
