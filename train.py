@@ -36,6 +36,7 @@ from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
 from data.squad import examples_fingerprint, load_split
 from finetune.adapters import ADAPTER_DIR, save_peft_adapter
+from finetune.inputs import check_inputs
 from finetune.cli import at_least, given_flags, non_negative, positive, probability, resolve_device
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_adapter(checkpoint_path)
         check_training_state(checkpoint, checkpoint_path)
         args = resumed_args(checkpoint, args, given, checkpoint_path)
+    check_inputs(args)  # data, tokenizer, weights: all that are missing named at once, before anything loads
     rank, world, device = setup_distributed(args)
     main_process = rank == 0
     dtype = resolve_precision(args.precision, device)

@@ -14,6 +14,7 @@ import tiktoken
 
 EOS_ID = 50256  # <|endoftext|>: GPT-2's only special token; it also serves as padding
 BPE_DIR = Path(__file__).with_name("bpe")
+BPE_FILES = ("vocab.bpe", "encoder.json")
 # How GPT-2 splits text into words before BPE (tiktoken's r50k pattern): contractions, letters, digits, other
 # symbols, each with its leading space; BPE never merges across these pieces.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -1,15 +1,18 @@
 """A fresh clone works without network: the tokenizer comes from the repository's own BPE files, and the
 repository is an installable package."""
+import os
 import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
 
+import pytest
 import tiktoken
 
+import train
 from conftest import DEV_FILE, ROOT
-from gpt2 import EOS_ID, get_tokenizer
+from gpt2 import EOS_ID, UserError, get_tokenizer
 
 PACKAGES = ("gpt2", "lora", "data", "finetune")
 
@@ -46,3 +49,30 @@ def test_the_package_installs_the_four_packages_with_the_bpe_files_and_the_requi
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.startswith("gpt2_lora-")} == set(PACKAGES)
     assert {"gpt2/bpe/vocab.bpe", "gpt2/bpe/encoder.json", "gpt2/bpe/LICENSE", "lora/layer.py"} <= set(names)
+
+
+def test_train_names_every_missing_input_at_once(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(UserError) as error:
+        train.main(["--model", str(tmp_path / "model"), "--train-file", str(tmp_path / "train.json"),
+                    "--eval-file", str(tmp_path / "dev.json"), "--out", str(tmp_path / "run")])
+    message = str(error.value)
+    assert message.startswith("3 input(s) missing: ") and "\n" not in message
+    for missing in ("training data (no file at", "train.json", "eval data (no file at", "dev.json",
+                    f"no {tmp_path / 'model' / 'model.safetensors'}"):
+        assert missing in message
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_train_offline_with_nothing_cached_is_one_message_naming_each_missing_piece(tmp_path):
+    """The default run (Hub data and weights) with HF_HUB_OFFLINE=1 and an empty cache: no download attempt, no
+    retries, one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: 3 input(s) missing (HF_HUB_OFFLINE is set): the training data")
+    assert "the eval data" in result.stderr and "the base model gpt2 (not in the Hugging Face cache" in result.stderr
