@@ -42,6 +42,7 @@ from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.quality import BEST, answer_quality, best_f1, describe, fixed_subset, save_best
 from finetune.report import run_summary, settings_table, warmup_warning
+from finetune.resume import schedule_change, stale_metrics
 from finetune.signals import EXIT_CODE, StopRequest
 from finetune.state import (ADAPTER_LIMIT, CHECKPOINT, check_adapter_sound, check_out_dir, check_same_content,
                             check_training_state, forget_log_after, restore, resumed_args, rng_state)
@@ -227,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(settings, f, indent=2)
         if args.resume:
             print(f"resumed from {checkpoint_path} at step {start_step} of {max_steps}")
+            for note in (schedule_change(checkpoint["args"], vars(args), steps_per_epoch, start_step, max_steps),
+                         stale_metrics(out, start_step)):
+                if note:
+                    print(note)
         warning = warmup_warning(args.warmup_steps, max_steps, args.lr)
         if warning:
             print(warning, file=sys.stderr)
@@ -334,12 +339,14 @@ def main(argv: list[str] | None = None) -> None:
         if stopping:
             bar.close()
             if main_process:
-                print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens))
+                print(run_summary(out, (start_step, done), time.perf_counter() - started, trained_tokens,
+                                  device.type == "cpu"))
                 print(f"stopped at step {done} of {max_steps}: saved {checkpoint_path}; continue with --resume")
             sys.exit(EXIT_CODE)
     bar.close()
     if main_process:
-        print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
+        print(run_summary(out, (start_step, max_steps), time.perf_counter() - started, trained_tokens,
+                          device.type == "cpu"))
     if world > 1:
         dist.destroy_process_group()
 

@@ -7,6 +7,8 @@ from .adapters import ADAPTER_DIR, CHECKPOINT
 from .quality import BEST
 from .step import learning_rate
 
+CPU_EVAL_LIMIT = 50  # questions the end-of-run hint scores on a CPU, as the README's smoke run does
+
 
 def warmup_warning(warmup_steps: int, max_steps: int, lr: float) -> str | None:
     """A warning when the warmup is as long as the run: the learning rate would only climb, never reaching --lr,
@@ -49,8 +51,9 @@ def settings_table(s: dict) -> str:
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 
 
-def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) -> str:
-    """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next."""
+def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int, on_cpu: bool = False) -> str:
+    """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next: on
+    a CPU, an evaluation of a few questions (answering all 11,873 takes hours there)."""
     log = out / "log.jsonl"  # absent when a run stops before its first log line
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     losses = [r["loss"] for r in records if "loss" in r]
@@ -70,5 +73,7 @@ def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int) 
                      f"adapter is {out / BEST})")
     lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
               f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
-              f"score it   python evaluate.py --checkpoint {out}"]
+              f"score it   python evaluate.py --checkpoint {out}" + (f" --limit {CPU_EVAL_LIMIT} --max-new-tokens 8   "
+                                                                   f"(a first look; without --limit, every question)"
+                                                                   if on_cpu else "")]
     return "\n".join(lines)
