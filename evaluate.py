@@ -30,7 +30,8 @@ from data.metrics import (best_thresholds, bleu1, correct_references, seed_refer
 from data.prompts import NO_ANSWER
 from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.adapters import CHECKPOINT, recorded_quantization, trained_with_eos
-from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer, timing
+from finetune.answer import (answer, answer_with_threshold, na_prob_note, no_answer_probability, official_answer,
+                             timing)
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.precision import PRECISIONS, resolve_precision
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
                                             args.max_new_tokens)
         seconds = time.perf_counter() - start
         decoded = len(examples) if args.na_threshold is None else sum(p <= args.na_threshold for p in probabilities)
-        print(timing(decoded, len(examples), seconds, na_seconds))
+        note = na_prob_note(probabilities)  # a near-uniform model's, as the smoke run's
+        print(timing(decoded, len(examples), seconds, na_seconds) + (f"\n{note}" if note else ""))
         predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
         show_examples(examples, answers, args.examples)
         print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "

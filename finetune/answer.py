@@ -20,6 +20,7 @@ from data.squad import SquadExample
 from gpt2 import EOS_ID, GPT, continuation_log_prob, generate, get_tokenizer
 
 # "Cannot Find Answer" at the end of a text, in any case and punctuation, its first letter (or word) optional
+NEAR_UNIFORM_NA_PROB = 1e-6  # below this everywhere, na_prob ranks questions but is no probability to read
 ABSTENTION_AT_END = re.compile(r"\W*(c?annot\W+)?find\W+answer\W*$", re.IGNORECASE)
 assert ABSTENTION_AT_END.fullmatch(NO_ANSWER)
 
@@ -126,6 +127,16 @@ def answer_with_threshold(model: GPT, examples: list[SquadExample], na_probs: Se
     for i, text in zip(answered, texts):
         answers[i] = text
     return answers
+
+
+def na_prob_note(na_probs: Sequence[float]) -> str | None:
+    """One line for a model whose na_probs are all tiny, as a near-uniform model's are: the abstention is several
+    tokens, each about 1/50,257 likely, so their product is about 1e-21 even where the model abstains greedily."""
+    if not na_probs or max(na_probs) >= NEAR_UNIFORM_NA_PROB:
+        return None
+    return (f"note: every na_prob is below {NEAR_UNIFORM_NA_PROB:g} (largest {max(na_probs):.2g}): the model's "
+            f"next-token probabilities are nearly uniform, so na_prob only ranks the questions; a trained model's "
+            f"are near 1 where it abstains")
 
 
 def timing(decoded: int, total: int, seconds: float, na_seconds: float) -> str:

@@ -44,10 +44,12 @@ def test_the_readme_smoke_run_learns_evaluates_and_is_scored(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses  # it learns, visibly
     assert len(evals) >= 1 and evals[-1] < losses[0] - 0.3
     assert "warning" not in err
-    assert f"score it   python evaluate.py --checkpoint {tmp_path / 'smoke'}" in out and "eval loss  " in out
+    assert f"score it   python evaluate.py --checkpoint {tmp_path / 'smoke'} --limit 50 --max-new-tokens 8" in out
+    assert "eval loss  " in out
     config = json.loads((tmp_path / "smoke" / "config.json").read_text())
     assert config["lr"] == 1e-2 and "parameters" in config and "{" not in out  # the table, not a JSON dump
 
-    run_as_a_user(evaluate_command)
+    evaluated = run_as_a_user(evaluate_command)
+    assert "note: every na_prob is below" in evaluated.stdout  # the near-uniform model's, explained
     metrics = json.loads((tmp_path / "smoke" / "metrics.dev.first50.json").read_text())
     assert metrics["total"] == 50

@@ -8,7 +8,7 @@ import torch
 import train
 from conftest import DEV_FILE, ROOT
 from data.prompts import NO_ANSWER
-from finetune.answer import answer, answer_with_threshold, is_abstention, timing, without_abstention
+from finetune.answer import answer, answer_with_threshold, is_abstention, na_prob_note, timing, without_abstention
 from finetune.model import load_answerer
 from data.squad import load_squad_file
 
@@ -68,3 +68,9 @@ def test_split_halves_go_where_named_and_replace_nothing_unasked(tmp_path):
     onto_input = split(str(source), str(source), str(b), "--overwrite")
     assert onto_input.returncode != 0 and "being split" in onto_input.stderr
     assert source.read_bytes() == DEV_FILE.read_bytes()
+
+
+def test_a_near_uniform_models_na_prob_is_explained_in_one_line():
+    note = na_prob_note([1e-21, 3e-22])
+    assert note.startswith("note: every na_prob is below 1e-06 (largest 1e-21)") and "\n" not in note
+    assert na_prob_note([1e-21, 0.9]) is None
