@@ -36,8 +36,8 @@ from data.batching import training_steps
 from data.prompts import LOSS_ON, training_sequences
 from data.squad import examples_fingerprint, load_split
 from finetune.adapters import ADAPTER_DIR, save_peft_adapter
-from finetune.inputs import check_inputs
 from finetune.cli import at_least, given_flags, non_negative, positive, probability, resolve_device
+from finetune.inputs import check_inputs
 from finetune.model import build_model
 from finetune.precision import PRECISIONS, grad_scaler, precision_name, resolve_precision
 from finetune.quality import BEST, answer_quality, best_f1, describe, fixed_subset, save_best

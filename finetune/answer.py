@@ -20,9 +20,8 @@ from data.squad import SquadExample
 from gpt2 import EOS_ID, GPT, continuation_log_prob, generate, get_tokenizer
 
 # "Cannot Find Answer" at the end of a text, in any case and punctuation, its first letter (or word) optional
-NEAR_UNIFORM_NA_PROB = 1e-6  # below this everywhere, na_prob ranks questions but is no probability to read
 ABSTENTION_AT_END = re.compile(r"\W*(c?annot\W+)?find\W+answer\W*$", re.IGNORECASE)
-assert ABSTENTION_AT_END.fullmatch(NO_ANSWER)
+NEAR_UNIFORM_NA_PROB = 1e-6  # below this everywhere, na_prob ranks questions but is no probability to read
 
 
 def clean_answer(generated: str) -> str:
@@ -89,7 +88,7 @@ def answer(model: GPT, examples: list[SquadExample], batch_size: int, max_new_to
         indices = list(forbidden)
         for i, tokens in zip(indices, generated(indices, [forbidden[i] for i in indices], desc)):
             texts[i] = without_abstention(clean_answer(enc.decode(tokens)))
-            if is_abstention(texts[i]):  # an empty row stopped at once, at the marker's first token
+            if is_abstention(texts[i]):  # a row that stopped at once, at the "ANSWER:" marker, has no first token
                 forbidden[i] |= {tokens[0] if tokens else stop[0][0]}
             else:
                 del forbidden[i]

@@ -71,9 +71,10 @@ def run_summary(out: Path, steps: tuple[int, int], seconds: float, tokens: int, 
         (last, last_step), (best, best_step) = f1s[-1], max(f1s)
         lines.append(f"eval F1    {last:.1f} at step {last_step} (last), {best:.1f} at step {best_step} (best: its "
                      f"adapter is {out / BEST})")
+    score = f"python evaluate.py --checkpoint {out}"
+    if on_cpu:
+        score += f" --limit {CPU_EVAL_LIMIT} --max-new-tokens 8   (a first look; without --limit, every question)"
     lines += [f"files      {out / 'config.json'} (settings), {out / 'log.jsonl'} (losses), "
               f"{out / CHECKPOINT} (adapter and training state), {out / ADAPTER_DIR} (the adapter for PEFT)",
-              f"score it   python evaluate.py --checkpoint {out}" + (f" --limit {CPU_EVAL_LIMIT} --max-new-tokens 8   "
-                                                                   f"(a first look; without --limit, every question)"
-                                                                   if on_cpu else "")]
+              f"score it   {score}"]
     return "\n".join(lines)
