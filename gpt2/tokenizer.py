@@ -29,24 +29,25 @@ def byte_of_char() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
-def mergeable_ranks(bpe_dir: Path = BPE_DIR) -> dict[bytes, int]:
+def mergeable_ranks() -> dict[bytes, int]:
     """token bytes -> rank, from the merges; checked against encoder.json's ids, which must be the same numbers."""
     byte_of = byte_of_char()
 
     def to_bytes(token: str) -> bytes:
         return bytes(byte_of[c] for c in token)
     ranks = {bytes([b]): rank for rank, b in enumerate(byte_of.values())}
-    merges = (bpe_dir / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:-1]  # line 1: "#version: 0.2"
+    merges = (BPE_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:-1]  # line 1: "#version: 0.2"
     for merge in merges:
         first, second = merge.split()
         ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
-    ids = json.loads((bpe_dir / "encoder.json").read_text(encoding="utf-8"))
+    ids = json.loads((BPE_DIR / "encoder.json").read_text(encoding="utf-8"))
     if {to_bytes(token): i for token, i in ids.items() if i != EOS_ID} != ranks:
-        raise ValueError(f"{bpe_dir}: vocab.bpe and encoder.json are not the same tokenizer")
+        raise ValueError(f"{BPE_DIR}: vocab.bpe and encoder.json are not the same tokenizer")
     return ranks
 
 
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's "gpt2" encoding, token for token (tests/test_offline.py), built once per process."""
     return tiktoken.Encoding("gpt2", pat_str=SPLIT_PATTERN, mergeable_ranks=mergeable_ranks(),
                              special_tokens={"<|endoftext|>": EOS_ID}, explicit_n_vocab=EOS_ID + 1)
