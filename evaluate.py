@@ -35,7 +35,8 @@ from data.metrics import (best_thresholds, bleu1, correct_references, seed_refer
 from data.prompts import NO_ANSWER, WINOGRAD
 from data.squad import FILE_NAMES, SquadExample, load_split
 from finetune.adapters import trained_with_eos
-from finetune.answer import answer, answer_with_threshold, no_answer_probability, official_answer
+from finetune.answer import (answer, answer_with_threshold, na_prob_note, no_answer_probability, official_answer,
+                             timing)
 from finetune.cli import at_least, resolve_device
 from finetune.model import load_answerer
 from finetune.outputs import METRICS, NA_PROBS, PREDICTIONS, REPORT, Output, check_outputs
@@ -281,8 +282,9 @@ def score_checkpoint(args: argparse.Namespace, run: Checkpoint | None, device: t
         answers = answer_with_threshold(model, examples, probabilities, args.na_threshold, args.batch_size,
                                         args.max_new_tokens)
     seconds = time.perf_counter() - start
-    print(f"answered {len(examples)} questions in {seconds:.1f} s ({len(examples) / seconds:.1f} per second); "
-          f"their no-answer probabilities took {na_seconds:.1f} s")
+    decoded = len(examples) if args.na_threshold is None else sum(p <= args.na_threshold for p in probabilities)
+    note = na_prob_note(probabilities)  # a near-uniform model's, as the smoke run's
+    print(timing(decoded, len(examples), seconds, na_seconds) + (f"\n{note}" if note else ""))
     predictions = {ex.id: official_answer(text) for ex, text in zip(examples, answers)}
     show_examples(examples, answers, args.examples)
     print(f"\nWinograd: {WINOGRAD[0]} {WINOGRAD[1]} -> "

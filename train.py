@@ -36,10 +36,12 @@ from data.prompts import training_sequences
 from data.squad import SquadExample, examples_fingerprint, load_split
 from finetune.adapters import save_peft_adapter
 from finetune.cli import resolve_device
+from finetune.inputs import check_inputs
 from finetune.model import build_model
 from finetune.precision import grad_scaler, precision_name, resolve_precision
 from finetune.quality import answer_quality, describe, fixed_subset, save_best
 from finetune.report import run_summary, settings_table, warmup_warning
+from finetune.resume import schedule_change, stale_metrics
 from finetune.run import (Base, Checkpoint, Run, check_adapter_sound, read_checkpoint, rng_state,
                           save_checkpoint)
 from finetune.settings import EVAL_ANSWERS_ON_GPU, Settings, parse
@@ -237,12 +239,14 @@ def fit(s: Setup, start_step: int, best: float | None, stop: StopRequest) -> Non
         if stopping:
             bar.close()
             if s.main_process:
-                print(run_summary(s.run, (start_step, done), time.perf_counter() - started, trained_tokens))
+                print(run_summary(s.run, (start_step, done), time.perf_counter() - started, trained_tokens,
+                                  s.device.type == "cpu"))
                 print(f"stopped at step {done} of {max_steps}: saved {s.run.checkpoint}; continue with --resume")
             sys.exit(EXIT_CODE)
     bar.close()
     if s.main_process:
-        print(run_summary(s.run, (start_step, max_steps), time.perf_counter() - started, trained_tokens))
+        print(run_summary(s.run, (start_step, max_steps), time.perf_counter() - started, trained_tokens,
+                          s.device.type == "cpu"))
 
 
 def setup(settings: Settings, run: Run, checkpoint: Checkpoint | None) -> tuple[Setup, int]:
@@ -288,6 +292,11 @@ def setup(settings: Settings, run: Run, checkpoint: Checkpoint | None) -> tuple[
         run.write_config(recorded)
         if checkpoint is not None:
             print(f"resumed from {checkpoint.path} at step {start_step} of {settings.max_steps}")
+            for note in (schedule_change(checkpoint.settings.as_dict(), settings.as_dict(), steps_per_epoch,
+                                         start_step, settings.max_steps),
+                         stale_metrics(run.dir, start_step)):
+                if note:
+                    print(note)
         warning = warmup_warning(settings.warmup_steps, settings.max_steps, settings.lr)
         if warning:
             print(warning, file=sys.stderr)
@@ -314,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint.check_resumable()
             run.check_best()
             settings = settings.resumed(checkpoint.settings, given, run.checkpoint)
+        check_inputs(settings)  # data, tokenizer, weights: all that are missing named at once, before anything loads
         s, start_step = setup(settings, run, checkpoint)
         with StopRequest() as stop:  # from here on, Ctrl-C or SIGTERM saves the run; after, the handlers are back
             fit(s, start_step, run.best_f1(), stop)

@@ -5,6 +5,8 @@ import json
 from .run import Run
 from .step import learning_rate
 
+CPU_EVAL_LIMIT = 50  # questions the end-of-run hint scores on a CPU, as the README's smoke run does
+
 
 def warmup_warning(warmup_steps: int, max_steps: int, lr: float) -> str | None:
     """A warning when the warmup is as long as the run: the learning rate would only climb, never reaching --lr,
@@ -47,8 +49,9 @@ def settings_table(s: dict) -> str:
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 
 
-def run_summary(run: Run, steps: tuple[int, int], seconds: float, tokens: int) -> str:
-    """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next."""
+def run_summary(run: Run, steps: tuple[int, int], seconds: float, tokens: int, on_cpu: bool = False) -> str:
+    """What the run did, read back from log.jsonl (a resumed run's earlier steps included), and what to do next: on
+    a CPU, an evaluation of a few questions (answering all 11,873 takes hours there)."""
     # log.jsonl is absent when a run stops before its first log line
     records = [json.loads(line) for line in run.log.read_text().splitlines()] if run.log.is_file() else []
     losses = [r["loss"] for r in records if "loss" in r]
@@ -66,7 +69,10 @@ def run_summary(run: Run, steps: tuple[int, int], seconds: float, tokens: int) -
         (last, last_step), (best, best_step) = f1s[-1], max(f1s)
         lines.append(f"eval F1    {last:.1f} at step {last_step} (last), {best:.1f} at step {best_step} (best: its "
                      f"adapter is {run.best})")
+    score = f"python evaluate.py --checkpoint {run.dir}"
+    if on_cpu:
+        score += f" --limit {CPU_EVAL_LIMIT} --max-new-tokens 8   (a first look; without --limit, every question)"
     lines += [f"files      {run.config} (settings), {run.log} (losses), "
               f"{run.checkpoint} (adapter and training state), {run.adapter} (the adapter for PEFT)",
-              f"score it   python evaluate.py --checkpoint {run.dir}"]
+              f"score it   {score}"]
     return "\n".join(lines)

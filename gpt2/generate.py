@@ -18,20 +18,21 @@ CACHE_SLOTS_ROUNDED_TO = 32
 @torch.no_grad()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              stop_sequences: Sequence[Sequence[int]] = (), eos_id: int = EOS_ID,
-             forbid_first: Sequence[int] = ()) -> list[list[int]]:
+             forbid_first: Sequence[Sequence[int]] = ()) -> list[list[int]]:
     """Greedy continuations of a batch of token-id prompts, of any lengths; returns the new tokens of each.
 
     A row stops at `eos_id` or at any of `stop_sequences`; neither is included in what is returned. Prompts are
     left-padded so that every row's next token sits in the same column: one forward pass per new token for the
-    whole batch, each attending only to its own row's cached keys (see KVCache). `forbid_first`: token ids that
-    may not be the first new token (their first-step logits become -inf), e.g. to rule out one answer's start.
+    whole batch, each attending only to its own row's cached keys (see KVCache). `forbid_first`: for each prompt,
+    token ids that may not be its first new token (their first-step logits become -inf), e.g. to rule out one
+    answer's start.
     """
     was_training = model.training
     model.eval()
     try:
         cache, logits = _prefill(model, prompts, max_new_tokens)  # (B, V): the next token after each prompt
-        if forbid_first:
-            logits[:, list(forbid_first)] = float("-inf")
+        for row, forbidden in enumerate(forbid_first):
+            logits[row, list(forbidden)] = float("-inf")
         token = logits.argmax(dim=-1)  # (B,)
         decode = _decoder(model, cache, token) if max_new_tokens > 1 else None
         B, device = len(prompts), token.device

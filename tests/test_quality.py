@@ -45,7 +45,7 @@ def test_forbidden_first_token_answer_never_starts_with_the_abstention():
         model.transformer.ln_f.bias.add_(100 * model.transformer.wte.weight[C])
     prompts, _ = prompt_tokens(DEV[:6], 1024 - 4)
     assert all(tokens[0] == C for tokens in generate(model, prompts, 4))
-    forbidden = generate(model, prompts, 4, forbid_first=[C, EOS_ID])
+    forbidden = generate(model, prompts, 4, forbid_first=[[C, EOS_ID]] * len(prompts))
     for prompt, tokens in zip(prompts, forbidden):
         logits = model(torch.tensor([prompt]))[0, -1]
         logits[[C, EOS_ID]] = float("-inf")
