@@ -16,7 +16,9 @@ each adapter. Requests that arrive within --max-wait-ms of each other are answer
 --max-batch-rows rows (one row per adapter asked), first come first served; beyond --max-queue waiting
 requests the server answers 503 at once rather than letting a request wait behind a flood.
 """
-import finetune.signals  # noqa: F401  first: Ctrl-C during the slow imports below quits without a traceback
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, and Ctrl-C during the slow imports below too
 import argparse
 import asyncio
 import html

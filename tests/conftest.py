@@ -128,12 +128,11 @@ def randomize(model, seed: int = 1, scale: float = 0.05) -> None:
 def random_run(directory: Path, config, seed: int, quantize: str = "none", base_seed: int = 0) -> str:
     """A train.py-format run of gpt2-tiny (random init) with a random adapter (LoRAConfig `config`, random B from
     `seed`), saved as train.py saves it: cheaper than training one."""
-    from dataclasses import asdict
     from gpt2 import load_model
     from lora import apply_lora, base_fingerprint, save_adapter
     model = load_model("gpt2-tiny", "random", seed=base_seed)
     fingerprint = base_fingerprint(model)
-    apply_lora(model, **asdict(config))
+    apply_lora(model, config)
     randomize(model, seed, scale=0.5)  # adapters far enough apart to answer differently
     save_adapter(directory / "checkpoint.pt", model, config,
                  {"model": "gpt2-tiny", "init": "random", "seed": base_seed, "quantize": quantize,

@@ -1,6 +1,5 @@
 """Mixed-adapter batching: each row of one batch with its own adapter gives what that adapter gives alone."""
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def adapted_copies(base: GPT, configs: list[LoRAConfig]) -> list[GPT]:
     copies = []
     for seed, config in enumerate(configs, start=1):
         copy = shared_copy(base)
-        apply_lora(copy, **asdict(config))
+        apply_lora(copy, config)
         randomize(copy, seed, scale=0.5)
         copies.append(copy.eval())
     return copies
