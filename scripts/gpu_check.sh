@@ -11,7 +11,8 @@
 #    bench.py at gpt2 shapes, batch 16 x 512, r=4 (ours eager with a profile, then compiled); the seed recipe end to
 #    end (1200 steps of 50 sequences cut in two where padding is least, the eval loss on 500 questions every 200
 #    steps) and evaluate.py on it; answering all 11,873 dev questions; the CUDA tests (a time limit per test); the
-#    gpt2-medium pair; gpt2-xl shapes eager with the base in bf16, then nf4; the seed's steps without the cut.
+#    gpt2-medium pair; answers/s with 1, 4 and 16 adapters mixed in one batch (serve.py's batching) against one
+#    adapter at a time; gpt2-xl shapes eager with the base in bf16, then nf4; the seed's steps without the cut.
 #    Each step runs under `timeout -k` (SIGTERM at its limit, SIGKILL 10 s later); a step that no longer fits the
 #    budget is skipped. Every step, run, failed, cut off or skipped, is a row of the summary.
 # 3. After EVERY step the summary (scripts/gpu_summary.py) is rewritten, and with $OUT set the logs are packed
@@ -55,13 +56,13 @@ missing=()
 if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
   SMALL=gpt2 MEDIUM=gpt2-medium LARGE=gpt2-xl SHAPE="--batch-size 16 --seq-len 512" SHORT=""
-  XL_SHAPE="--batch-size 4 --seq-len 512" SEED_BATCH=50 MEDIUM_STEPS=10 STEPS=1200 EVERY=200 UNSPLIT=100 EVAL=500 ANSWERS=11873 LIMIT=1000
+  XL_SHAPE="--batch-size 4 --seq-len 512" SEED_BATCH=50 MEDIUM_STEPS=10 STEPS=1200 EVERY=200 UNSPLIT=100 EVAL=500 ANSWERS=11873 LIMIT=1000 MIXED=512
 elif command -v nvidia-smi > /dev/null && nvidia-smi > /dev/null 2>&1; then
   missing+=("CUDA for torch (nvidia-smi sees a GPU, torch.cuda does not)")
 else
   GPU="no CUDA: a check of this script on gpt2-tiny shapes; no figure here counts"
   SMALL=gpt2-tiny MEDIUM=gpt2-tiny LARGE=gpt2-tiny SHAPE="--batch-size 2 --seq-len 64" XL_SHAPE=$SHAPE
-  SHORT="--steps 1 --warmup 1 --answers 4" SEED_BATCH=4 MEDIUM_STEPS=1 STEPS=2 EVERY=2 UNSPLIT=2 EVAL=8 ANSWERS=8 LIMIT=8
+  SHORT="--steps 1 --warmup 1 --answers 4" SEED_BATCH=4 MEDIUM_STEPS=1 STEPS=2 EVERY=2 UNSPLIT=2 EVAL=8 ANSWERS=8 LIMIT=8 MIXED=8
 fi
 if (( ${#missing[@]} )); then
   why="missing: $(IFS=';'; echo "${missing[*]}") (copy ../shared/{squad_v2,tiktoken_cache,anchors} into .gpu/)"
@@ -147,6 +148,8 @@ step cuda-tests 100 $PY -m pytest $pytest_flags tests/test_cuda.py
 cuda_only anchor-medium 40 $PY "$ANCHOR" --model gpt2-medium --batch-size 16 --seq-len 512 --rank 4 --steps 10 \
   --gen-prompts 0
 step ours-medium 35 $PY $BENCH --model $MEDIUM --steps $MEDIUM_STEPS --answers 0
+step mixed-adapters 40 $PY bench.py --model $SMALL $SHAPE --rank 4 --steps 1 --warmup 1 --answers $MIXED \
+  --answer-batch-size 64 --max-new-tokens 32 --mixed-adapters 1 4 16
 XL="bench.py --model $LARGE $XL_SHAPE $SHORT --rank 4 --answers 0"
 step xl-bf16 50 $PY $XL
 step xl-nf4 50 $PY $XL --quantize nf4

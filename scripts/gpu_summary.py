@@ -90,6 +90,12 @@ def main(log: Path, gpu: str) -> None:
               f"median {median_speed(log / 'seed-run')} tokens/s, padding "
               f"{sum(padding) / len(padding) if padding else 0:.0%}, eval losses {evals}")
         print(f"  the same steps uncut (1 micro-batch of 50): median {median_speed(log / 'seed-unsplit')} tokens/s")
+    mixed = ours(log, "mixed-adapters").get("mixed_adapters", [])
+    if mixed:
+        print("\n  serve.py's batching, answers/s (batch 64, 32 new tokens): N adapters mixed in one batch / one at a time")
+        for r in mixed:
+            print(f"    N={r['adapters']:<3} {r['mixed_answers_per_s']:>9} / {r['one_adapter_at_a_time_answers_per_s']:<9} "
+                  f"same answers: {r['same_answers']}")
     xl = {mode: ours(log, f"xl-{mode}") for mode in ("bf16", "nf4")}
     if xl["bf16"] or xl["nf4"]:
         print("\n  gpt2-xl shapes, eager, batch 4 x 512: base  tokens/s  peak GB  (vs bf16)")
