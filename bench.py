@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="at most 774: random prompts are up to 250 "
                    "tokens, in a 1024-token context")
     p.add_argument("--mixed-adapters", type=at_least(1), nargs="+", metavar="N", help="also answer with N adapters "
-                   "mixed in one batch against one adapter at a time (serve.py's batching), for each N given, e.g. 1 4 16")
+                   "mixed in one batch against one adapter at a time (serve.py's batching), for each N given, "
+                   "e.g. 1 4 16")
     args = p.parse_args(argv)
     given = given_flags(p, argv, args)
     if args.seq_len > MAX_LEN:

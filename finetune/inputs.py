@@ -11,7 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import constants, try_to_load_from_cache
 
-from data.squad import FILE_NAMES, OFFLINE_HELP, load_squad_hub
+from data.squad import FILE_NAMES, load_squad_hub, offline_help
 from gpt2 import UserError
 from gpt2.hub import is_repo_id
 from gpt2.pretrained import HUB_MODELS, MODEL_FILES
@@ -61,6 +61,6 @@ def check_inputs(settings: Settings) -> None:
     missing = [what for what in missing if what is not None]
     if missing:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        data_help = f". {OFFLINE_HELP}" if any(what.startswith("the training data") or what.startswith("the eval data")
-                                               for what in missing) else ""
+        data_missing = any(what.startswith(("the training data", "the eval data")) for what in missing)
+        data_help = f". {offline_help('train')}" if data_missing else ""
         raise UserError(f"{len(missing)} input(s) missing{offline}: {'; '.join(missing)}{data_help}")

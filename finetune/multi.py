@@ -71,7 +71,8 @@ def load_adapters(checkpoints: Sequence[str], model_name: str | None, device: to
     adapters = {checkpoint: read_adapter(checkpoint) for checkpoint in checkpoints}
     bases = {checkpoint: base_model_of(adapter, model_name) for checkpoint, adapter in adapters.items()}
     if len(set(bases.values())) > 1:
-        listed = "; ".join(f"{checkpoint} on {base[0]} ({base[1]}, seed {base[2]})" for checkpoint, base in bases.items())
+        listed = "; ".join(f"{checkpoint} on {base[0]} ({base[1]}, seed {base[2]})"
+                           for checkpoint, base in bases.items())
         raise UserError(f"the adapters belong on different bases ({listed}): one process serves one base; start one "
                         f"per base, or give --model to put them all on one")
     modes = {checkpoint: recorded_quantization(adapter) for checkpoint, adapter in adapters.items()}
