@@ -64,8 +64,11 @@ def _is_report(path: Path) -> bool:
 
 
 def _is_png(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _holds_only(files: tuple[str, ...]) -> Callable[[Path], bool]:
@@ -142,9 +145,7 @@ def _check_the_folder_around(output: Output, target: Path) -> None:
 
 
 def _check_replaceable(output: Output, target: Path, overwrite: bool) -> None:
-    kind = output.kind
-    if kind.files and not target.is_dir():
-        raise UserError(f"{output.flag} {output.path} is a file: give a folder (new, or {kind.name} to replace)")
+    kind = output.kind  # a folder kind's output is a folder here: check_writable_dir refused a file
     if not kind.files and target.is_dir():
         raise UserError(f"{output.flag} {output.path} is a directory: name the file to write")
     if kind.files and not os.listdir(target):

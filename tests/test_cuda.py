@@ -117,8 +117,8 @@ def test_lora_learns_to_answer_on_the_gpu(precision, learned_runs, short_dev_fil
     assert json.loads((run / "config.json").read_text())["precision"] == precision
     assert load_adapter(run / "checkpoint.pt")["precision"] == precision
     evaluate.main(["--checkpoint", str(run), "--eval-file", str(short_dev_file), "--precision", precision,
-                   "--out", str(run / "m.json")])
-    metrics = json.loads((run / "m.json").read_text())
+                   "--out", str(run / "metrics.m.json")])
+    metrics = json.loads((run / "metrics.m.json").read_text())
     assert metrics["exact"] == 100.0 and metrics["total"] == 16
 
 

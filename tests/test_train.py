@@ -174,26 +174,26 @@ def test_lora_learns_to_answer_memorised_questions(short_dev_file, tmp_path):
     assert best_checkpoint["step"] == best["step"]
     assert any(not torch.equal(v, adapter(tmp_path)[k]) for k, v in best_checkpoint["adapter"].items())  # not the last
     evaluate.main(["--checkpoint", str(tmp_path / "best"), "--eval-file", str(short_dev_file), "--out",
-                   str(tmp_path / "best.json")])
-    assert json.loads((tmp_path / "best.json").read_text())["f1"] == best["f1"]  # the best step's adapter
+                   str(tmp_path / "metrics.best.json")])
+    assert json.loads((tmp_path / "metrics.best.json").read_text())["f1"] == best["f1"]  # the best step's adapter
 
     evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
-                   str(tmp_path / "m.json")])
-    metrics = json.loads((tmp_path / "m.json").read_text())
+                   str(tmp_path / "metrics.m.json")])
+    metrics = json.loads((tmp_path / "metrics.m.json").read_text())
     assert metrics["exact"] == 100.0 and metrics["total"] == 16
     assert metrics["HasAns_total"] > 0 and metrics["NoAns_total"] > 0
-    predictions = json.loads((tmp_path / "m.predictions.json").read_text())
+    predictions = json.loads((tmp_path / "metrics.m.predictions.json").read_text())
     golds = {ex.id: ex.answers for ex in load_squad_file(short_dev_file)}
     assert all((text == "") == (golds[qid] == []) for qid, text in predictions.items())
     # The no-answer probability separates the two kinds (the tiny model's probabilities are all tiny: its logits are
     # flat), so the best threshold lies between them, and answering with it abstains exactly where it should.
-    na_probs = json.loads((tmp_path / "m.na_prob.json").read_text())
+    na_probs = json.loads((tmp_path / "metrics.m.na_prob.json").read_text())
     answerable = max(p for qid, p in na_probs.items() if golds[qid])
     assert answerable < min(p for qid, p in na_probs.items() if not golds[qid])
     assert (metrics["best_f1"], metrics["best_f1_thresh"]) == (100.0, answerable)
     evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
-                   str(tmp_path / "t.json"), "--na-threshold", str(metrics["best_f1_thresh"])])
-    thresholded = json.loads((tmp_path / "t.json").read_text())
+                   str(tmp_path / "metrics.t.json"), "--na-threshold", str(metrics["best_f1_thresh"])])
+    thresholded = json.loads((tmp_path / "metrics.t.json").read_text())
     assert thresholded["exact"] == 100.0 and thresholded["na_threshold"] == answerable
 
 
@@ -211,8 +211,8 @@ def test_each_lora_variant_learns_to_answer_memorised_questions(short_dev_file, 
                          "--micro-batch-size", "16", "--grad-accum", "1", "--loss-on", "answer",
                          "--eval-every", "100", "--log-every", "100", *variant))
     evaluate.main(["--checkpoint", str(tmp_path), "--eval-file", str(short_dev_file), "--out",
-                   str(tmp_path / "m.json")])
-    metrics = json.loads((tmp_path / "m.json").read_text())
+                   str(tmp_path / "metrics.m.json")])
+    metrics = json.loads((tmp_path / "metrics.m.json").read_text())
     assert metrics["exact"] == 100.0 and metrics["total"] == 16
 
 
