@@ -63,4 +63,4 @@ def save_best(run: Run, model: torch.nn.Module, settings: Settings, base: Base, 
     the checkpoint carries its own metrics, so a crash between the two leaves nothing that disagrees with it."""
     save_checkpoint(run.best / CHECKPOINT, model, settings, base, step, quality=quality)
     with atomic_write(run.best / BEST_METRICS, "w") as f:
-        json.dump({"step": step, **quality}, f, indent=2)
+        json.dump({"step": step, **quality}, f, indent=2, allow_nan=False)

@@ -307,7 +307,7 @@ class Run:
 
     def write_config(self, settings: dict) -> None:
         with atomic_write(self.config, "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump(settings, f, indent=2, allow_nan=False)
 
     def append_log(self, record: dict) -> None:
         """Add one line to log.jsonl with a single write of the whole line, so that a crash leaves the line whole

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 import evaluate
-import train
+import finetune.settings as train_settings  # train.py builds its flags from these settings
 from conftest import DEV_FILE, ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -36,7 +36,7 @@ def test_the_colab_recipe_runs_commands_the_scripts_accept():
     notebook = nbformat.read(NOTEBOOKS / "colab_t4_recipe.ipynb", as_version=4)
     lines = [line.strip() for cell in notebook.cells if cell.cell_type == "code" for line in cell.source.splitlines()]
     commands = [shlex.split(line[1:]) for line in lines if line.startswith("!python")]
-    parsers = {"train.py": train.parse_args, "evaluate.py": evaluate.parse_args}
+    parsers = {"train.py": train_settings.parse, "evaluate.py": evaluate.parse_args}
     checked = set()
     for command in commands:
         if command[1] == "-m":

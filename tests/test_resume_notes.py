@@ -3,6 +3,7 @@ and the end-of-run hint that fits the device."""
 from pathlib import Path
 
 from finetune.report import run_summary
+from finetune.run import Run
 from finetune.resume import schedule_change, stale_metrics
 
 SMOKE = {"lr": 1e-2, "warmup_steps": 2, "max_steps": 20, "epochs": None}
@@ -29,7 +30,7 @@ def test_evaluations_already_in_the_run_are_named_as_older(tmp_path):
 
 
 def test_the_end_of_run_hint_scores_a_few_questions_on_a_cpu(tmp_path):
-    on_cpu = run_summary(tmp_path, (0, 20), 10.0, 1000, on_cpu=True).splitlines()[-1]
+    on_cpu = run_summary(Run(tmp_path), (0, 20), 10.0, 1000, on_cpu=True).splitlines()[-1]
     assert on_cpu.startswith(f"score it   python evaluate.py --checkpoint {tmp_path} --limit 50 --max-new-tokens 8")
-    assert run_summary(tmp_path, (0, 20), 10.0, 1000).splitlines()[-1] == \
+    assert run_summary(Run(tmp_path), (0, 20), 10.0, 1000).splitlines()[-1] == \
         f"score it   python evaluate.py --checkpoint {tmp_path}"
