@@ -6,6 +6,7 @@ must give our model PEFT's logits; what we cannot compute must be refused by nam
 import ast
 import copy
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -180,6 +181,24 @@ def test_evaluate_scores_a_peft_adapter_directory(hf_base, tmp_path):
                    "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "m.json")])
     assert json.loads((tmp_path / "m.json").read_text())["total"] == 3
     assert len(json.loads((tmp_path / "m.predictions.json").read_text())) == 3
+
+
+def test_the_readmes_sharing_snippet_runs(hf_base, tmp_path):
+    """The README's ours <-> PEFT code, as written there, with its Hub names pointed at local folders (there is no
+    network here): the base, a run's adapter/ and a PEFT adapter."""
+    hf, base_dir = hf_base
+    adapter = tmp_path / "adapter"
+    peft_adapter(hf, adapter, str(base_dir), r=2, lora_alpha=4, target_modules=["c_attn"])
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Sharing adapters"):readme.index("## Evaluate")]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    for name, local in (('"gpt2"', base_dir), ('"runs/gpt2-lora/adapter"', adapter),
+                        ('"someone/gpt2-lora-squad"', adapter)):
+        assert name in snippet
+        snippet = snippet.replace(name, repr(str(local)))
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert isinstance(namespace["model"], GPT) and len(lora_layers(namespace["model"])) == 3  # c_attn, 3 layers
 
 
 def test_round_trip_through_peft_format_keeps_logits(hf_base, tmp_path):
