@@ -1,7 +1,7 @@
 """Where a command may write: every output checked before any work, so that nothing it reads or finds is replaced.
 
-A command that writes (evaluate.py, export.py, plot.py) names its outputs, the kind of file or folder each one is,
-and its inputs, and calls `check_outputs` before it loads anything. An output is refused when
+A command that writes (evaluate.py, export.py, plot.py, scripts/split_squad.py) names its outputs, the kind of file
+or folder each one is, and its inputs, and calls `check_outputs` before it loads anything. An output is refused when
 - it is one of the command's inputs, symlinks resolved (a link to the eval set is the eval set);
 - two outputs of the command are one file (evaluate.py --report equal to --out);
 - something is already there that this command did not write: only a file (or folder) of the very kind it writes
@@ -55,6 +55,11 @@ def _is_metrics(path: Path) -> bool:
     return isinstance(data, dict) and {"exact", "f1", "total"} <= data.keys()
 
 
+def _is_squad(path: Path) -> bool:
+    data = _json(path)
+    return isinstance(data, dict) and isinstance(data.get("data"), list)
+
+
 def _is_report(path: Path) -> bool:
     try:
         text = path.read_text(encoding="utf-8")
@@ -83,6 +88,7 @@ PREDICTIONS = Kind("a predictions JSON (question id -> answer)", _json_object_of
 NA_PROBS = Kind("a no-answer probabilities JSON (question id -> number)", _json_object_of((int, float)))
 REPORT = Kind("a Markdown report of evaluate.py", _is_report)
 PICTURE = Kind("a PNG picture", _is_png)
+SQUAD_HALF = Kind("a SQuAD JSON (an object with a \"data\" list)", _is_squad)
 PEFT_DIR = Kind(PEFT_ADAPTER, _holds_only(PEFT_FILES), PEFT_FILES)
 MODEL_DIR = Kind(MODEL, _holds_only(MODEL_FILES), MODEL_FILES)
 

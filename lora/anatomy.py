@@ -237,6 +237,48 @@ def checkpoint_path(run: str) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+READERS_FOLDER_FILES = ("model.safetensors", "adapter_config.json")  # a model folder, a PEFT adapter
+
+
+def is_png(path: Path) -> bool:
+    """Whether the file starts with PNG's 8-byte signature (an unreadable file is not one)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def check_png_output(png: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, a --png that would spoil something: an input (symlinks resolved), a file that is not
+    a PNG, a PNG without --overwrite, a new name in a model folder or a PEFT adapter (their readers load or refuse
+    what they find there), or a folder that cannot be written in. A run folder may hold pictures: RUN/anatomy.png."""
+    target = png.resolve()
+    for path in inputs:
+        if target == path.resolve():
+            raise LoRAError(f"--png {png} would replace {path}, which this command reads: write elsewhere")
+    folder = next(p for p in target.parents if p.exists())
+    if not folder.is_dir():
+        raise LoRAError(f"--png {png}: {folder} is a file, not a directory")
+    if folder == target.parent and any((folder / name).exists() for name in READERS_FOLDER_FILES):
+        raise LoRAError(f"--png {png}: {folder} is a model or a PEFT adapter, whose readers load or refuse what is "
+                        f"in it: write {target.name} elsewhere")
+    if target.is_dir():
+        raise LoRAError(f"--png {png} is a directory: name the file to write")
+    if target.exists():
+        if not is_png(target):
+            raise LoRAError(f"--png {png} holds another file, not a PNG picture: this command replaces only what it "
+                            f"writes itself; choose another --png")
+        if not overwrite:
+            raise LoRAError(f"{png} already exists (a PNG picture): pass --overwrite to replace it, or another --png")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise LoRAError(f"--png {png}: cannot write in {folder} ({e.strerror}); choose a writable location") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lora.anatomy", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a train.py --out directory or its checkpoint.pt "
@@ -244,12 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="the base model's safetensors file, for ||ΔW|| / ||W||")
     parser.add_argument("--png", help="where to write the heatmap (default: anatomy.png beside the first RUN's "
                         "checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a PNG already at --png")
     args = parser.parse_args(argv)
     if len(args.runs) > 2:
         parser.error("give one RUN, or two to compare")
     if args.base and not os.path.isfile(args.base):
         parser.error(f"no file at --base {args.base}: give the base model's model.safetensors")
     paths = [checkpoint_path(run) for run in args.runs]
+    png = Path(args.png) if args.png else paths[0].parent / "anatomy.png"
+    inputs = [Path(run) for run in args.runs] + paths + ([Path(args.base)] if args.base else [])
+    check_png_output(png, inputs, args.overwrite)
     checkpoints = [load_adapter(path) for path in paths]
     analysed = []
     for run, checkpoint in zip(args.runs, checkpoints):
@@ -263,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         analysed.append((run, rows))
     if len(checkpoints) == 2:
         print(similarity_report(*checkpoints) + "\n")
-    print(write_heatmap(analysed, Path(args.png) if args.png else paths[0].parent / "anatomy.png"))
+    try:
+        print(write_heatmap(analysed, png))
+    except OSError as e:  # the disk filled up while writing: the file there before is untouched (write, then rename)
+        raise LoRAError(f"cannot write {png}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

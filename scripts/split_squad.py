@@ -4,22 +4,25 @@
 
 Articles go alternately to the two halves (1st, 3rd, ... to the first), so no paragraph, and no topic, is in both:
 a threshold tuned on one half and applied to the other has never seen the questions it is scored on. The halves
-go where they are named (their folders are made); an existing file is replaced only with --overwrite, and the
-input never.
+go where they are named (their folders are made). Both are checked before any work (finetune/outputs.py): never the
+source, never one file for both, never into a run, a model or a PEFT adapter folder; an existing file is replaced
+only with --overwrite, and only if it is a SQuAD JSON this script could have written.
 """
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repository root holds the packages
 
-def write(path: Path, data: dict) -> None:
-    """Atomically: a temporary file beside `path`, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+from finetune.signals import install_error_handling
+
+install_error_handling()  # first: a UserError prints one line, not a traceback
+
+import argparse
+import json
+
+from finetune.outputs import SQUAD_HALF, Output, check_outputs
+from gpt2 import UserError
+from gpt2.files import atomic_write
 
 
 def main(argv: list[str]) -> None:
@@ -27,22 +30,18 @@ def main(argv: list[str]) -> None:
     p.add_argument("source", type=Path, help="the SQuAD JSON file to split")
     p.add_argument("first", type=Path, help="where the 1st, 3rd, ... articles go")
     p.add_argument("second", type=Path, help="where the 2nd, 4th, ... articles go")
-    p.add_argument("--overwrite", action="store_true", help="replace FIRST and SECOND if they exist")
+    p.add_argument("--overwrite", action="store_true", help="replace FIRST and SECOND if they are SQuAD JSON files")
     args = p.parse_args(argv)
-    if args.first.resolve() == args.second.resolve():
-        sys.exit(f"error: the two halves would both be written to {args.first}: name two files")
-    if args.source.resolve() in (args.first.resolve(), args.second.resolve()):
-        sys.exit(f"error: {args.source} is the file being split: write the halves to other files")
-    existing = [str(path) for path in (args.first, args.second) if path.exists()]
-    if existing and not args.overwrite:
-        sys.exit(f"error: {' and '.join(existing)} already exist(s): pass --overwrite to replace, or name other files")
+    check_outputs([Output(args.first, "FIRST", SQUAD_HALF), Output(args.second, "SECOND", SQUAD_HALF)],
+                  inputs=[args.source], overwrite=args.overwrite)
     try:
         squad = json.loads(args.source.read_text(encoding="utf-8"))
         articles = squad["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: {args.source} is not a readable SQuAD JSON file ({type(e).__name__}: {e})")
+        raise UserError(f"{args.source} is not a readable SQuAD JSON file ({type(e).__name__}: {e})") from None
     for path, half in ((args.first, articles[0::2]), (args.second, articles[1::2])):
-        write(path, {**squad, "data": half})
+        with atomic_write(path, "w") as f:
+            json.dump({**squad, "data": half}, f)
         questions = sum(len(p["qas"]) for a in half for p in a["paragraphs"])
         print(f"{path}: {len(half)} articles, {questions} questions")
 

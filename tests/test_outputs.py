@@ -1,4 +1,5 @@
-"""Outputs never replace inputs or foreign files, and writing fails with a message: evaluate.py, export.py, plot.py.
+"""Outputs never replace inputs or foreign files, and writing fails with a message: evaluate.py, export.py, plot.py,
+python -m lora.anatomy and scripts/split_squad.py.
 
 Each case is hostile input in the sense of test_bad_input.py, with its helpers: the exit code, one message naming the
 cause, no traceback (any other exception fails the test), and every file that existed byte-identical afterwards.
@@ -6,6 +7,7 @@ cause, no traceback (any other exception fails the test), and every file that ex
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import train
 from conftest import ROOT
 from finetune.model import load_answerer
 from gpt2.safetensors import load_safetensors
+from lora import anatomy
 from test_bad_input import TINY, qa, refused, run_copy, snapshot, squad, tiny_run, write_json  # noqa: F401 fixtures
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -251,6 +254,66 @@ def test_plot_never_writes_over_its_inputs_or_foreign_files(run_copy, capsys):
             watch=(run_copy,))
 
 
+# ------------------------------------------------------------------------------------------------ lora.anatomy
+
+def test_anatomy_never_writes_over_what_it_reads(run_copy, tiny_hub_dir, tmp_path, capsys):
+    base = Path(shutil.copy(tiny_hub_dir / "model.safetensors", tmp_path / "base.safetensors"))
+    (tmp_path / "link.png").symlink_to(run_copy / "checkpoint.pt")  # a link to the checkpoint is the checkpoint
+    for png, what in ((run_copy / "checkpoint.pt", "checkpoint.pt"), (run_copy, "run"), (base, "base.safetensors"),
+                      (tmp_path / "link.png", "checkpoint.pt")):
+        refused(anatomy.main, [run_copy, "--base", base, "--png", png, "--overwrite"], capsys, 1,
+                rf"--png .* would replace .*{what}, which this command reads", watch=(tmp_path,))
+
+
+def test_anatomy_replaces_only_a_png_only_with_overwrite_and_never_in_a_models_folder(run_copy, tiny_hub_dir,
+                                                                                      tmp_path, capsys):
+    (run_copy / "notes.png").write_text("not a picture")
+    refused(anatomy.main, [run_copy, "--png", run_copy / "notes.png", "--overwrite"], capsys, 1,
+            r"notes.png holds another file, not a PNG picture", watch=(run_copy,))
+    anatomy.main([str(run_copy)])  # RUN/anatomy.png: a run holds pictures
+    assert (run_copy / "anatomy.png").read_bytes()[:8] == PNG
+    refused(anatomy.main, [run_copy], capsys, 1, r"anatomy.png already exists .*pass --overwrite",
+            watch=(run_copy,))
+    anatomy.main([str(run_copy), "--overwrite"])
+    model = Path(shutil.copytree(tiny_hub_dir, tmp_path / "model"))
+    for folder in (model, run_copy / "adapter"):
+        refused(anatomy.main, [run_copy, "--png", folder / "a.png"], capsys, 1,
+                r"is a model or a PEFT adapter, whose readers load or refuse", watch=(tmp_path,))
+
+
+# ------------------------------------------------------------------------------------------------ split_squad.py
+
+def split_refused(argv: list, cause: str, watch: tuple[Path, ...]) -> None:
+    """scripts/split_squad.py is a script, not a module: run it, and check its refusal as `refused` does."""
+    before = snapshot(*watch)
+    result = subprocess.run([sys.executable, "scripts/split_squad.py", *map(str, argv)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(cause, result.stderr), result.stderr
+    assert snapshot(*watch) == before
+
+
+def test_split_squad_never_writes_over_its_source_or_one_half_over_the_other(short_dev_file, tmp_path):
+    source = Path(shutil.copy(short_dev_file, tmp_path / "dev.json"))
+    (tmp_path / "link.json").symlink_to(source)
+    for first in (source, tmp_path / "link.json"):
+        split_refused([source, first, tmp_path / "b.json", "--overwrite"], r"FIRST .* would replace .*dev.json, which "
+                      r"this command reads", watch=(tmp_path,))
+    split_refused([source, tmp_path / "a.json", tmp_path / "a.json"], r"SECOND .*a.json and FIRST .*a.json are the "
+                  r"same file", watch=(tmp_path,))
+
+
+def test_split_squad_replaces_only_a_squad_json_and_never_writes_into_a_run(short_dev_file, run_copy, tmp_path):
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    split_refused([short_dev_file, tmp_path / "notes.json", tmp_path / "b.json", "--overwrite"],
+                  r"notes.json holds another file, not a SQuAD JSON", watch=(tmp_path,))
+    split_refused([short_dev_file, run_copy / "a.json", tmp_path / "b.json"], r"is a train.py run, which holds only "
+                  r"train.py's files.*write a.json elsewhere", watch=(tmp_path,))
+    split_refused([short_dev_file, run_copy / "adapter" / "a.json", tmp_path / "b.json"], r"adapter is a PEFT adapter",
+                  watch=(tmp_path,))
+
+
 # ------------------------------------------------------------------------------------------- the disk says no
 
 def test_writing_below_a_file_or_under_proc_is_refused_before_any_work(scored, run_copy, tmp_path, capsys):
@@ -261,6 +324,10 @@ def test_writing_below_a_file_or_under_proc_is_refused_before_any_work(scored, r
             watch=(tmp_path,))
     refused(export.main, ["--checkpoint", run_copy, "--peft", blocker / "peft"], capsys, 1,
             r"file.txt is a file, not a directory", watch=(tmp_path,))
+    refused(anatomy.main, [run_copy, "--png", blocker / "a.png"], capsys, 1, r"file.txt is a file, not a directory",
+            watch=(tmp_path,))
+    split_refused([eval_file, blocker / "a.json", tmp_path / "b.json"], r"file.txt is a file, not a directory",
+                  watch=(tmp_path,))
     refused(evaluate.main, score(eval_file, predictions, "--out", "/proc/m.json"), capsys, 1,
             r"--out /proc: cannot write in /proc", watch=(tmp_path,))
 
@@ -277,6 +344,10 @@ def test_a_full_disk_is_a_message_and_earlier_files_stay(scored, run_copy, small
             watch=(small_disk, run_copy))
     refused(export.main, ["--checkpoint", run_copy, "--peft", small_disk / "peft"], capsys, 1,
             r"No space left on device", watch=(small_disk, run_copy))
+    refused(anatomy.main, [run_copy, "--png", small_disk / "a.png"], capsys, 1,
+            r"cannot write .*a.png: No space left on device", watch=(small_disk, run_copy))
+    split_refused([eval_file, small_disk / "a.json", small_disk / "b.json"],
+                  r"cannot write .*a.json: No space left on device", watch=(small_disk, eval_file))
     assert snapshot(small_disk) == before  # not one temporary file left behind
 
 
@@ -289,6 +360,10 @@ def test_a_read_only_folder_is_refused_before_any_work(scored, run_copy, small_d
             r"--merged .*merged: cannot write in .*Read-only file system", watch=(run_copy,))
     refused(plot.main, [run_copy, "--out", small_disk / "c.png"], capsys, 1, r"Read-only file system",
             watch=(run_copy,))
+    refused(anatomy.main, [run_copy, "--png", small_disk / "a.png"], capsys, 1,
+            r"--png .*a.png: cannot write in .*Read-only file system", watch=(run_copy,))
+    split_refused([eval_file, small_disk / "a.json", small_disk / "b.json"],
+                  r"FIRST .*disk: cannot write in .*disk \(Read-only file system\)", watch=(eval_file,))
 
 
 def test_a_refusal_is_one_line_in_a_real_process(tiny_run, tmp_path):

@@ -61,12 +61,13 @@ def test_split_halves_go_where_named_and_replace_nothing_unasked(tmp_path):
     source.write_bytes(DEV_FILE.read_bytes())
     a, b = tmp_path / "runs" / "a.json", tmp_path / "runs" / "b.json"
     assert split(str(source), str(a), str(b)).returncode == 0 and a.is_file() and b.is_file()  # runs/ made
-    a.write_text("mine")
+    first_half = a.read_bytes()
     refused = split(str(source), str(a), str(b))
-    assert refused.returncode != 0 and "--overwrite" in refused.stderr and a.read_text() == "mine"
-    assert split(str(source), str(a), str(b), "--overwrite").returncode == 0 and a.read_text() != "mine"
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr and a.read_bytes() == first_half
+    a.write_text('{"data": []}')  # a SQuAD JSON, as the script writes: --overwrite replaces it
+    assert split(str(source), str(a), str(b), "--overwrite").returncode == 0 and a.read_bytes() == first_half
     onto_input = split(str(source), str(source), str(b), "--overwrite")
-    assert onto_input.returncode != 0 and "being split" in onto_input.stderr
+    assert onto_input.returncode != 0 and "which this command reads" in onto_input.stderr
     assert source.read_bytes() == DEV_FILE.read_bytes()
 
 
