@@ -43,9 +43,9 @@ from finetune.outputs import METRICS, NA_PROBS, PREDICTIONS, REPORT, Output, che
 from finetune.precision import PRECISIONS, resolve_precision
 from finetune.run import Checkpoint, checkpoint_path, read_checkpoint
 from gpt2 import GPT, PRESETS, UserError
-from gpt2.files import atomic_write
 from gpt2.pretrained import HUB_MODELS
 from lora.quant import MODES
+from tensorio import atomic_write
 
 SEED_REPORTED_BLEU1 = 0.1389
 DEV_SET_SIZE = 11873

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune.outputs import PICTURE, Output, check_outputs
 from gpt2 import UserError
-from gpt2.files import atomic_write
+from tensorio import atomic_write
 
 
 def pyplot():

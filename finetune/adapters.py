@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from gpt2 import GPT, PRESETS, GPTConfig, UserError, load_model
-from gpt2.files import atomic_write
 from gpt2.hub import hub_file, is_repo_id
 from gpt2.pretrained import HUB_MODELS
-from gpt2.safetensors import load_safetensors, save_safetensors
 from lora import (LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, check_peft_config, lora_state_dict,
                   to_peft)
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from tensorio import atomic_write, load_safetensors, save_safetensors
 
 from .run import CHECKPOINT, PEFT_FILES, Checkpoint, checkpoint_path, read_checkpoint
 

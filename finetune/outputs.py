@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from gpt2 import UserError
-from gpt2.files import check_writable_dir
 from gpt2.pretrained import MODEL_FILES
+from tensorio import check_writable_dir
 
 from .run import CHECKPOINT, CONFIG, LOG, PEFT_FILES, RUN_FILES, Run, is_temporary
 

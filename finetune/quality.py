@@ -14,7 +14,7 @@ import torch
 
 from data.metrics import squad_v2_scores
 from data.squad import SquadExample
-from gpt2.files import atomic_write
+from tensorio import atomic_write
 
 from .answer import answer, official_answer
 from .precision import autocast

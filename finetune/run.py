@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 
 from gpt2 import UserError
-from gpt2.files import atomic_write, check_writable_dir
 from lora import ADAPTER_LIMIT, LoRAConfig, load_adapter, load_lora_state_dict, recorded_config, save_adapter
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from tensorio import atomic_write, check_writable_dir
 
 from .settings import Settings
 
@@ -167,7 +167,7 @@ RUN_OWNED = (CONFIG, LOG, CHECKPOINT, BEST_METRICS, *PEFT_FILES)  # the files a 
 
 
 def is_temporary(name: str, owners: tuple[str, ...] = RUN_OWNED) -> bool:
-    """A temporary file of gpt2.files.atomic_write (".NAME.random.tmp") for one of `owners` (by default a run's
+    """A temporary file of tensorio.atomic_write (".NAME.random.tmp") for one of `owners` (by default a run's
     files), left by a process killed while writing it."""
     return name.startswith(".") and name.endswith(".tmp") and name[1:-len(".tmp")].rsplit(".", 1)[0] in owners
 

@@ -1,10 +1,10 @@
 """How a script's process ends: errors a user can fix, Ctrl-C, and a cluster's SIGTERM.
 
-`install_error_handling()` is the first line of every script. From then on an uncaught `gpt2.UserError` or
-`lora.LoRAError` prints as one line, `error: <message>`, and exits 1: its message says what to change, and a
-traceback would say the program is broken. Ctrl-C before training starts (imports, loading the model and the data)
-prints one line too, since there is nothing to save yet. Importing a library never does this: a module that
-changed `sys.excepthook` as a side effect would change every program that imports it.
+`install_error_handling()` is the first line of every script. From then on an uncaught `gpt2.UserError`,
+`lora.LoRAError` or `tensorio.FileError` prints as one line, `error: <message>`, and exits 1: its message says
+what to change, and a traceback would say the program is broken. Ctrl-C before training starts (imports, loading
+the model and the data) prints one line too, since there is nothing to save yet. Importing a library never does
+this: a module that changed `sys.excepthook` as a side effect would change every program that imports it.
 
 Once the training loop starts, `StopRequest` takes over SIGINT and SIGTERM: the first signal asks the loop to
 finish the current step, save a checkpoint and exit. A second one exits at once, without saving and without a
@@ -16,9 +16,9 @@ import sys
 
 EXIT_CODE = 130  # the shell's code for "ended by Ctrl-C"
 # The packages' own "your input needs changing" errors, by module and class name. The hook looks them up only when
-# an exception arrives: an error of either kind implies its module was imported, and installing the hook imports
+# an exception arrives: an error of one of these kinds implies its module was imported, and installing the hook imports
 # nothing, so it can run before `import torch` (Ctrl-C during that slow import is caught too).
-USER_ERRORS = (("gpt2.errors", "UserError"), ("lora.errors", "LoRAError"))
+USER_ERRORS = (("gpt2.errors", "UserError"), ("lora.errors", "LoRAError"), ("tensorio.files", "FileError"))
 
 
 def _is_user_error(exc_type: type) -> bool:
@@ -27,7 +27,7 @@ def _is_user_error(exc_type: type) -> bool:
 
 
 def install_error_handling() -> None:
-    """Print UserError / LoRAError as `error: <message>` and Ctrl-C as one line, instead of a traceback."""
+    """Print UserError / LoRAError / FileError as `error: <message>` and Ctrl-C as one line, instead of a traceback."""
     previous = sys.excepthook
 
     def excepthook(exc_type, exc, tb):

@@ -10,12 +10,11 @@ import os
 from pathlib import Path
 
 import torch
+from tensorio import atomic_write, load_safetensors, save_safetensors
 
 from .errors import UserError
-from .files import atomic_write
 from .hub import hub_file, is_repo_id
 from .model import GPT, PRESETS, GPTConfig, preset
-from .safetensors import load_safetensors, save_safetensors
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's releases, by their short Hub names
 MODEL_FILES = ("config.json", "model.safetensors")

@@ -7,7 +7,7 @@
 For every adapted module, ΔW is the change the adapter makes to the weight: s B A (for DoRA, W' - W, which needs
 the base; without it the table shows DoRA's directional part s B A). The table gives
 - ||ΔW||, the Frobenius norm, and ||ΔW|| / ||W|| when the base weights are given (`--base`: a safetensors file
-  such as the Hub's gpt2 model.safetensors, read here with the standard library and torch);
+  such as the Hub's gpt2 model.safetensors, read with tensorio's reader);
 - the singular values σ_1 >= σ_2 >= ... of ΔW: at most r of them are non-zero (2r for a PiSSA adapter);
 - rank: how many directions ΔW uses at all, the number of σ_i above RANK_RTOL * σ_1;
 - erank: how evenly it uses them, the entropy effective rank exp(-Σ p_i ln p_i), p_i = σ_i / Σσ (Roy and
@@ -25,16 +25,14 @@ With matplotlib (optional: `pip install matplotlib`) a PNG heatmap shows ||ΔW||
 projection. This module reads checkpoints and safetensors files only; it needs no model code.
 """
 import argparse
-import json
 import math
 import os
 import re
-import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from tensorio import FileError, atomic_write, load_safetensors
 
 from .checkpoint import load_adapter, recorded_config
 from .dora import DoRALinear
@@ -42,7 +40,6 @@ from .errors import LoRAError
 from .layer import LoRALinear
 
 RANK_RTOL = 1e-2  # a direction counts when its singular value is at least 1% of the largest
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def adapted_layers(checkpoint: dict) -> dict[str, LoRALinear]:
@@ -65,21 +62,6 @@ def adapted_layers(checkpoint: dict) -> dict[str, LoRALinear]:
     return layers
 
 
-def read_safetensors(path: str | os.PathLike, names: set[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors file: 8 bytes of header length, a JSON header, then raw data."""
-    tensors = {}
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
-        for name in names & header.keys():
-            info = header[name]
-            begin, end = info["data_offsets"]
-            f.seek(8 + header_size + begin)
-            data = bytearray(f.read(end - begin))
-            tensors[name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
-
-
 def base_weights(path: str | os.PathLike, layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """Each adapted module's base weight as (out, in). The Hub's GPT-2 file has no `transformer.` prefix and stores
     its projections (in, out) ("Conv1D"); a square one is transposed when the file's other ones were."""
@@ -87,7 +69,7 @@ def base_weights(path: str | os.PathLike, layers: dict[str, LoRALinear]) -> dict
         return f"{name}.weight"
 
     wanted = {key(n) for n in layers} | {key(n).removeprefix("transformer.") for n in layers}
-    found = read_safetensors(path, wanted)
+    found = load_safetensors(path, wanted)
     weights = {n: found.get(key(n), found.get(key(n).removeprefix("transformer."))) for n in layers}
     missing = [n for n, w in weights.items() if w is None]
     if missing:
@@ -217,15 +199,9 @@ def write_heatmap(runs: list[tuple[str, list[dict]]], path: Path) -> str:
         ax.set_title(f"{title}\n{'||ΔW|| / ||W||' if measure == 'ratio' else '||ΔW||'}", fontsize=9)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # write, then rename
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     finally:
         plt.close(fig)
     return f"heatmap written to {path}"
@@ -318,5 +294,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except LoRAError as e:  # the user's input needs changing: one line, not a traceback (as the scripts do)
+    except (LoRAError, FileError) as e:  # the input needs changing: one line, not a traceback (as the scripts do)
         sys.exit(f"error: {e}")

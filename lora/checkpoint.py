@@ -28,12 +28,11 @@ weights is recognised by its fingerprint, and the file is written so that a cras
 import hashlib
 import os
 import sys
-import tempfile
 from dataclasses import asdict, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tensorio import atomic_write
 
 from .errors import LoRAError
 from .inject import LoRAConfig, install, new_lora_layers
@@ -55,7 +54,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, lora_config: LoRACon
     """Write the adapter checkpoint atomically; `extra` adds keys (a training run's state)."""
     checkpoint = {"format": FORMAT, "lora_config": asdict(saved_config(lora_config)), "base": base,
                   "adapter": lora_state_dict(model), **extra}
-    _atomic_save(checkpoint, path)
+    with atomic_write(path) as f:  # a crash or Ctrl-C while writing leaves the previous checkpoint intact
+        torch.save(checkpoint, f)
 
 
 def apply_adapter(model: nn.Module, checkpoint: dict, strict: bool = False) -> LoRAConfig:
@@ -204,22 +204,3 @@ def _check_base(base: dict, path) -> None:
     if missing:
         refuse("config", config, f"lacks {', '.join(missing)}")
 
-
-def _atomic_save(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over `path`: a crash or Ctrl-C while
-    writing leaves the previous checkpoint intact (a rename within a directory is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private (0600); open() would follow the umask
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -23,7 +23,7 @@ It exports exactly with rank_pattern {"c_attn": 2r} and an alpha_pattern that ke
 (alpha'/2r = alpha/r), or sqrt(2) * alpha under rsLoRA (alpha'/sqrt(2r) = alpha/sqrt(r)).
 
 This module converts between a model and (config dict, tensors dict). Reading and writing the two files is the
-caller's (gpt2/safetensors.py has the format), since lora/ uses torch and the standard library only.
+caller's (finetune/adapters.py, with tensorio's safetensors reader and writer).
 """
 import math
 import re

@@ -19,7 +19,7 @@ def _dev_file() -> Path:
     """The official SQuAD 2.0 dev set: from ../shared, else downloaded once into the cache."""
     if (SHARED / "squad_v2" / "dev-v2.0.json").is_file():
         return SHARED / "squad_v2" / "dev-v2.0.json"
-    from gpt2.files import atomic_write
+    from tensorio import atomic_write
     path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-lora" / "dev-v2.0.json"
     if not path.is_file():
         import urllib.request

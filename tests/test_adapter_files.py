@@ -10,10 +10,10 @@ import torch
 
 from conftest import DEV_FILE, ROOT, SEED_LORA, tiny_base, tiny_model
 from finetune.adapters import read_peft_adapter, save_peft_adapter
-from gpt2.safetensors import save_safetensors
 from lora import (ADAPTER_LIMIT, LoRAConfig, LoRAError, apply_adapter, apply_lora, apply_peft, load_adapter,
                   lora_layers, save_adapter)
 from lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from tensorio import save_safetensors
 
 A_KEY = "transformer.h.0.attn.c_attn.lora_A"
 B_KEY = "transformer.h.1.mlp.c_fc.lora_B"

@@ -6,6 +6,7 @@ import torch
 from conftest import GPT2_SHAPE, TINY_SHAPE, random_hf_gpt2, save_hub_layout
 from gpt2 import EOS_ID, GPT, UserError, generate, get_tokenizer, preset
 from gpt2.pretrained import from_pretrained
+from tensorio import FileError
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
@@ -126,7 +127,7 @@ def test_loader_names_what_does_not_fit(tiny_hub_dir, tmp_path, edit, message):
 def test_loader_reports_truncated_and_missing_files(tiny_hub_dir, tmp_path):
     data = (tiny_hub_dir / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(FileError, match="truncated"):  # tensorio's reader says what is wrong with the file
         from_pretrained(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no model.safetensors"):

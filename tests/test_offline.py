@@ -14,7 +14,7 @@ import train
 from conftest import DEV_FILE, ROOT
 from gpt2 import EOS_ID, UserError, get_tokenizer
 
-PACKAGES = ("gpt2", "lora", "data", "finetune")
+PACKAGES = ("gpt2", "lora", "tensorio", "data", "finetune")
 
 
 def test_the_shipped_bpe_files_build_tiktokens_gpt2_encoding():
@@ -32,7 +32,7 @@ def requirement_lines(path) -> list[str]:
     return [line for line in lines if line and not line.startswith("-r")]
 
 
-def test_the_package_installs_the_four_packages_with_the_bpe_files_and_the_requirements(tmp_path):
+def test_the_package_installs_the_five_packages_with_the_bpe_files_and_the_requirements(tmp_path):
     """`pip install -e .` reads the same pyproject.toml as a wheel build: build one, offline, from a copy of the
     repository (the build writes beside its sources), and look inside."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -22,8 +22,8 @@ import plot
 import train
 from conftest import ROOT
 from finetune.model import load_answerer
-from gpt2.safetensors import load_safetensors
 from lora import anatomy
+from tensorio import load_safetensors
 from test_bad_input import TINY, qa, refused, run_copy, snapshot, squad, tiny_run, write_json  # noqa: F401 fixtures
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,8 +15,7 @@ import os
 
 import torch
 
-from .errors import UserError
-from .files import atomic_write
+from .files import FileError, atomic_write
 
 DTYPES = {  # in the order the library writes them
     "I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16,
@@ -25,41 +24,44 @@ DTYPES = {  # in the order the library writes them
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor in the file, each in its own memory (the file is closed on return)."""
+def load_safetensors(path: str | os.PathLike, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor in the file, or those of `names` it holds, each in its own memory (the file is closed on
+    return). The file is mapped, not read: tensors left out cost nothing."""
     advice = "delete it and download it again"
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise UserError(f"{path} is not a safetensors file ({size} bytes): {advice}")
+            raise FileError(f"{path} is not a safetensors file ({size} bytes): {advice}")
         # A private copy-on-write map: tensors are copied straight from the file's pages.
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
         n = int.from_bytes(buf[:8], "little")
         if n > size - 8:
-            raise UserError(f"{path} is truncated or not a safetensors file (a header of {n} bytes in a file of "
+            raise FileError(f"{path} is truncated or not a safetensors file (a header of {n} bytes in a file of "
                             f"{size}): {advice}")
         try:
             header = json.loads(buf[8:8 + n])
         except ValueError as e:
-            raise UserError(f"{path} has a corrupt safetensors header ({e}): {advice}") from None
+            raise FileError(f"{path} has a corrupt safetensors header ({e}): {advice}") from None
         if not isinstance(header, dict):
-            raise UserError(f"{path} has a safetensors header that is not a JSON object: {advice}")
+            raise FileError(f"{path} has a safetensors header that is not a JSON object: {advice}")
         header.pop("__metadata__", None)
         data_start, data_size = 8 + n, size - 8 - n
         tensors = {}
         for name, info in header.items():
+            if names is not None and name not in names:
+                continue
             if not _is_entry(info):
-                raise UserError(f"{path}: the header entry of tensor {name} is not {{\"dtype\", \"shape\": [sizes], "
+                raise FileError(f"{path}: the header entry of tensor {name} is not {{\"dtype\", \"shape\": [sizes], "
                                 f"\"data_offsets\": [begin, end]}}: {advice}")
             dtype, shape, (begin, end) = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
             if dtype is None:
-                raise UserError(f"{path}: tensor {name} has the unsupported dtype {info['dtype']}")
+                raise FileError(f"{path}: tensor {name} has the unsupported dtype {info['dtype']}")
             if end > data_size:
-                raise UserError(f"{path} is truncated: tensor {name} needs bytes up to {end} of the data, the file "
+                raise FileError(f"{path} is truncated: tensor {name} needs bytes up to {end} of the data, the file "
                                 f"holds {data_size}: {advice}")
             if end - begin != math.prod(shape) * dtype.itemsize:
-                raise UserError(f"{path} is corrupt: tensor {name} of shape {shape} has {end - begin} bytes: {advice}")
+                raise FileError(f"{path} is corrupt: tensor {name} of shape {shape} has {end - begin} bytes: {advice}")
             tensors[name] = _copy_tensor(buf, data_start + begin, end - begin, dtype, shape)
         return tensors
     finally:

@@ -5,7 +5,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import UserError
+
+class FileError(Exception):
+    """A file that cannot be written or read as asked; the message names it and the cause, which the user, not
+    the program, can fix. The scripts print it as one line, as they do gpt2.UserError and lora.LoRAError."""
 
 
 @contextlib.contextmanager
@@ -17,14 +20,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     gets the permissions a plain open() would give it (the user's umask).
 
     The disk filling up, a read-only mount, a missing permission, a path below a file: the OS's error becomes a
-    UserError naming `path` and the cause, since the user, not the program, can fix it.
+    FileError naming `path` and the cause, since the user, not the program, can fix it.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file private (0600); open() would not
         with os.fdopen(fd, mode) as f:
@@ -35,7 +38,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as e:
         os.unlink(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}; the file there before (if any) is "
+            raise FileError(f"cannot write {path}: {e.strerror or e}; the file there before (if any) is "
                             f"unchanged") from None
         raise
 
@@ -52,10 +55,10 @@ def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
     directory = Path(directory)
     existing = next(p for p in (directory, *directory.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
-        raise UserError(f"{what} {directory}: {existing} is a file, not a directory")
+        raise FileError(f"{what} {directory}: {existing} is a file, not a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{what} {directory}: cannot write in {existing} ({e.strerror}); choose a writable "
+        raise FileError(f"{what} {directory}: cannot write in {existing} ({e.strerror}); choose a writable "
                         f"location") from None
