@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tensorio import FileError, atomic_write, load_safetensors
+
+from tensorio import FileError, atomic_write, check_writable_dir, load_safetensors
 
 from .checkpoint import load_adapter, recorded_config
 from .dora import DoRALinear
@@ -248,11 +249,7 @@ def check_png_output(png: Path, inputs: list[Path], overwrite: bool) -> None:
                             f"writes itself; choose another --png")
         if not overwrite:
             raise LoRAError(f"{png} already exists (a PNG picture): pass --overwrite to replace it, or another --png")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise LoRAError(f"--png {png}: cannot write in {folder} ({e.strerror}); choose a writable location") from None
+    check_writable_dir(folder, "--png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,10 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         analysed.append((run, rows))
     if len(checkpoints) == 2:
         print(similarity_report(*checkpoints) + "\n")
-    try:
-        print(write_heatmap(analysed, png))
-    except OSError as e:  # the disk filled up while writing: the file there before is untouched (write, then rename)
-        raise LoRAError(f"cannot write {png}: {e.strerror or e}") from None
+    print(write_heatmap(analysed, png))  # atomic: a full disk leaves the file there before untouched (FileError)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 
 from finetune.outputs import SQUAD_HALF, Output, check_outputs
 from gpt2 import UserError
-from gpt2.files import atomic_write
+from tensorio import atomic_write
 
 
 def main(argv: list[str]) -> None:
