@@ -422,7 +422,11 @@ def test_errors_print_one_line_and_exit_nonzero_in_a_real_process(tmp_path):
 def test_ctrl_c_while_starting_quits_without_a_traceback(short_dev_file, tmp_path):
     process = subprocess.Popen([sys.executable, "train.py", *TINY, "--train-file", str(short_dev_file), "--out",
                                 str(tmp_path / "r")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # importing torch
+    # Ctrl-C while torch is being imported: once its library is mapped, the script's first line (the error
+    # handling) has run, whatever the machine's load (a fixed sleep fired before it on a busy machine).
+    maps, deadline = Path(f"/proc/{process.pid}/maps"), time.time() + 60
+    while "libtorch" not in maps.read_text() and time.time() < deadline:
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode in (-signal.SIGINT, 130), err
