@@ -81,7 +81,9 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("scaling", scaling)
         any_dora = any(isinstance(layer, DoRALinear) for layer in adapters)
         self.register_buffer("magnitude_scale", magnitude_scale if any_dora else None)
-        self.rows: Optional[torch.Tensor] = None  # (B,) adapter index of each row, set by adapter_per_row
+        # (B,) adapter index of each row, set by adapter_per_row. A buffer, so that it counts among the tensors a
+        # captured CUDA decoding graph reads (gpt2/generate.py reuses a graph only while they are the same).
+        self.register_buffer("rows", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is None or len(self.rows) != x.shape[0]:
